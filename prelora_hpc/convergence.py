@@ -1,0 +1,270 @@
+"""Weight-norm statistics, the partial convergence test and rank assignment.
+
+Algorithm 1 (``partial_convergence``) and Algorithm 2 (``assign_ranks``) are
+pure functions on numbers, exactly as DESIGN.md states them. ``NormTracker``
+reads the per-layer norms from a timm ViT and keeps the last ``k`` windows.
+Nothing here communicates: the trainer all-reduces ``local_sumsq()``, rank 0
+records and decides, and the decision is broadcast.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import deque
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+def percent_change(prev: float, cur: float, what: str) -> float:
+    """Percent change ``(cur - prev) / prev * 100`` between two windows.
+
+    ``what`` names the quantity in the error raised for a non-finite value or
+    a previous value <= 0 (the change is undefined there).
+    """
+    if not math.isfinite(prev) or not math.isfinite(cur):
+        raise ValueError(f"{what}: values must be finite, got {prev!r} -> {cur!r}")
+    if prev <= 0:
+        raise ValueError(f"{what}: previous value must be > 0, got {prev!r}")
+    # Multiplying first rounds once: 100 -> 107 is exactly 7%, so a change equal
+    # to the threshold passes (dividing first gives 7.000000000000001).
+    return 100.0 * (cur - prev) / prev
+
+
+def _check_finite(values: list[float], name: str) -> None:
+    for t, x in enumerate(values):
+        if not math.isfinite(x):
+            raise ValueError(f"{name}[{t}] is not finite: {x!r}")
+
+
+def window_changes(
+    weight_norms: dict[str, list[float]], losses: list[float]
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Percent changes between consecutive windows, the numbers Algorithm 1 tests.
+
+    ``weight_norms[a]`` is module ``a``'s layer-averaged norm per window and
+    ``losses`` the loss per window, both oldest first and of equal length
+    k >= 2. Returns (dW per module, dL), each of length k - 1, in percent.
+    """
+    if not weight_norms:
+        raise ValueError("weight_norms is empty: no module to test")
+    if len(losses) < 2:
+        raise ValueError(f"losses: need at least 2 windows, got {len(losses)}")
+    _check_finite(losses, "losses")
+    d_loss = [percent_change(losses[t - 1], losses[t], f"losses window {t - 1}->{t}")
+              for t in range(1, len(losses))]
+    d_norm = {}
+    for a, norms in weight_norms.items():
+        name = f"weight_norms[{a!r}]"
+        if len(norms) != len(losses):
+            raise ValueError(f"{name} has {len(norms)} windows but losses has {len(losses)}")
+        _check_finite(norms, name)
+        d_norm[a] = [percent_change(norms[t - 1], norms[t], f"{name} window {t - 1}->{t}")
+                     for t in range(1, len(norms))]
+    return d_norm, d_loss
+
+
+def partial_convergence(
+    weight_norms: dict[str, list[float]], losses: list[float], tau: float, zeta: float
+) -> bool:
+    """Algorithm 1: True when no module's norm moved more than ``tau`` percent
+    and the loss no more than ``zeta`` percent between any two consecutive
+    windows given (a change equal to the threshold passes).
+
+    Inputs as in ``window_changes``; every window given is used.
+    """
+    for name, x in (("tau", tau), ("zeta", zeta)):
+        if not math.isfinite(x) or x < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {x!r}")
+    d_norm, d_loss = window_changes(weight_norms, losses)
+    if any(abs(d) > zeta for d in d_loss):
+        return False
+    return all(abs(d) <= tau for changes in d_norm.values() for d in changes)
+
+
+def _log2_of_power_of_two(r: int, name: str) -> int:
+    if not isinstance(r, numbers.Integral) or isinstance(r, bool) or r <= 0 or r & (r - 1):
+        raise ValueError(f"{name} must be a power of two, got {r!r}")
+    return int(r).bit_length() - 1
+
+
+def assign_ranks(changes: dict[str, list[float]], r_min: int, r_max: int) -> dict[str, list[int]]:
+    """Algorithm 2: a LoRA rank per module and layer from the layers' last
+    weight-norm changes (percent; the sign is ignored).
+
+    Per module the magnitudes are min-max normalised to v in [0, 1] (all equal:
+    v = 0) and layer l gets ``R[ceil(v * |R|) - 1]`` (``R[0]`` when v = 0),
+    where R = [r_min, 2 r_min, ..., r_max]. Returns ranks in the layers' order.
+    """
+    lo_p, hi_p = _log2_of_power_of_two(r_min, "r_min"), _log2_of_power_of_two(r_max, "r_max")
+    if r_min > r_max:
+        raise ValueError(f"r_min={r_min} > r_max={r_max}")
+    if not changes:
+        raise ValueError("changes is empty: no module to assign ranks to")
+    ranks_set = [2**p for p in range(lo_p, hi_p + 1)]
+    n = len(ranks_set)
+    out = {}
+    for a, layer_changes in changes.items():
+        if len(layer_changes) == 0:
+            raise ValueError(f"changes[{a!r}] has no layers")
+        _check_finite(layer_changes, f"changes[{a!r}]")
+        mags = [abs(x) for x in layer_changes]
+        lo, hi = min(mags), max(mags)
+        ranks = []
+        for x in mags:
+            v = (x - lo) / (hi - lo) if hi > lo else 0.0
+            i = math.ceil(v * n) - 1 if v != 0 else 0
+            # v * n can round across an integer; the index must stay in R.
+            ranks.append(ranks_set[min(max(i, 0), n - 1)])
+        out[a] = ranks
+    return out
+
+
+class NormTracker:
+    """Per-module, per-layer Frobenius norms of a timm ViT's tracked linears,
+    with the loss, for the last ``k`` windows.
+
+    Layer ``l`` of module ``a`` is ``f"{block_prefix}.{l}.{a}"``, e.g.
+    ``blocks.3.attn.qkv``. A LoRA wrapper keeping the original as
+    ``.base_layer`` is tracked through its base weight.
+    """
+
+    def __init__(self, model: nn.Module, modules: list[str], k: int, block_prefix: str = "blocks"):
+        if not modules or len(set(modules)) != len(modules):
+            raise ValueError(f"modules must be a non-empty list without repeats, got {modules!r}")
+        if not isinstance(k, int) or k < 2:
+            raise ValueError(f"k must be an integer >= 2, got {k!r}")
+        try:
+            blocks = model.get_submodule(block_prefix)
+        except AttributeError:
+            raise ValueError(f"model has no {block_prefix!r} (the transformer blocks)") from None
+        self._model = model
+        self.module_names = list(modules)
+        self.num_layers = len(blocks)
+        self.k = k
+        self.block_prefix = block_prefix
+        self._norms: deque[list[list[float]]] = deque(maxlen=k)
+        self._losses: deque[float] = deque(maxlen=k)
+        self.windows_seen = 0
+        self._weights(model)  # fail now, not at the first window end
+
+    def layer_name(self, module: str, layer: int) -> str:
+        """Full name of layer ``layer`` of ``module``, e.g. ``blocks.3.attn.qkv``."""
+        return f"{self.block_prefix}.{layer}.{module}"
+
+    def _weights(self, model: nn.Module) -> list[list[torch.Tensor]]:
+        rows = []
+        for a in self.module_names:
+            row = []
+            for layer in range(self.num_layers):
+                name = self.layer_name(a, layer)
+                try:
+                    mod = model.get_submodule(name)
+                except AttributeError:
+                    raise ValueError(f"tracked module {a!r} is missing: no {name!r}") from None
+                mod = getattr(mod, "base_layer", mod)
+                if not isinstance(getattr(mod, "weight", None), torch.Tensor):
+                    raise ValueError(f"tracked module {a!r}: {name!r} has no weight tensor")
+                row.append(mod.weight)
+            rows.append(row)
+        return rows
+
+    @property
+    def sharded(self) -> bool:
+        """True if any tracked weight is ZeRO-3-partitioned: the caller must
+        SUM-all-reduce ``local_sumsq()`` (a replicated one is already global)."""
+        return any(getattr(w, "ds_tensor", None) is not None
+                   for row in self._weights(self._model) for w in row)
+
+    @torch.no_grad()
+    def local_sumsq(self, model: nn.Module | None = None) -> torch.Tensor:
+        """Sum of squares of each tracked weight as this process holds it (its
+        ZeRO-3 partition when partitioned), float64 CPU, [num_modules, num_layers].
+        ``model`` defaults to the one given at construction."""
+        rows = self._weights(self._model if model is None else model)
+        flat = []
+        for row in rows:
+            for w in row:
+                local = w.ds_tensor if getattr(w, "ds_tensor", None) is not None else w
+                flat.append(local.detach().float().pow(2).sum())
+        # One stack and one copy: a single device sync per window end.
+        return torch.stack(flat).to("cpu", torch.float64).reshape(len(rows), self.num_layers)
+
+    def _check_window(self, norms, loss) -> tuple[list[list[float]], float]:
+        arr = np.asarray(norms.detach().cpu() if isinstance(norms, torch.Tensor) else norms,
+                         dtype=np.float64)
+        shape = (len(self.module_names), self.num_layers)
+        if arr.shape != shape:
+            raise ValueError(f"norms: expected shape {shape} (modules, layers), got {arr.shape}")
+        for (i, layer), x in np.ndenumerate(arr):
+            if not math.isfinite(x) or x <= 0:
+                name = self.layer_name(self.module_names[i], layer)
+                raise ValueError(f"norm of {name} must be finite and > 0, got {x!r}")
+        loss = float(loss)
+        if not math.isfinite(loss) or loss <= 0:
+            raise ValueError(f"loss must be finite and > 0, got {loss!r}")
+        return arr.tolist(), loss
+
+    def record(self, norms: torch.Tensor | np.ndarray, loss: float) -> None:
+        """Append one window: global Frobenius norms [num_modules, num_layers]
+        (sqrt of the all-reduced sum of squares) and the window's mean loss."""
+        norms, loss = self._check_window(norms, loss)
+        self._norms.append(norms)
+        self._losses.append(loss)
+        self.windows_seen += 1
+
+    @property
+    def ready(self) -> bool:
+        """At least ``k`` windows recorded: Algorithm 1 can run."""
+        return len(self._losses) == self.k
+
+    def history(self) -> tuple[dict[str, list[float]], list[float]]:
+        """(layer-averaged norm per module per kept window, kept losses), oldest
+        first: the inputs of ``partial_convergence``."""
+        avg = {a: [math.fsum(w[i]) / self.num_layers for w in self._norms]
+               for i, a in enumerate(self.module_names)}
+        return avg, list(self._losses)
+
+    def layer_changes(self) -> dict[str, list[float]]:
+        """Signed percent change of each layer's norm between the last two
+        windows, per module: the input of ``assign_ranks``."""
+        if len(self._norms) < 2:
+            raise ValueError(f"layer_changes needs 2 recorded windows, have {len(self._norms)}")
+        prev, cur = self._norms[-2], self._norms[-1]
+        return {a: [percent_change(prev[i][j], cur[i][j], self.layer_name(a, j))
+                    for j in range(self.num_layers)]
+                for i, a in enumerate(self.module_names)}
+
+    def rank_map(self, ranks: dict[str, list[int]]) -> dict[str, int]:
+        """Flatten ``assign_ranks``' output to full layer names, e.g.
+        ``{"blocks.0.attn.qkv": 8, ...}``."""
+        if set(ranks) != set(self.module_names):
+            raise ValueError(f"ranks covers {sorted(ranks)}, tracked are {self.module_names}")
+        out = {}
+        for a in self.module_names:
+            if len(ranks[a]) != self.num_layers:
+                raise ValueError(
+                    f"ranks[{a!r}] has {len(ranks[a])} layers, the model {self.num_layers}")
+            out.update({self.layer_name(a, j): int(r) for j, r in enumerate(ranks[a])})
+        return out
+
+    def state_dict(self) -> dict:
+        """The kept history as plain lists and floats (JSON-serialisable)."""
+        return {"modules": list(self.module_names), "num_layers": self.num_layers,
+                "windows_seen": self.windows_seen, "losses": list(self._losses),
+                "norms": [[list(row) for row in w] for w in self._norms]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a history saved by ``state_dict`` (keeps the last ``k`` windows)."""
+        if state["modules"] != self.module_names or state["num_layers"] != self.num_layers:
+            raise ValueError(
+                f"saved norm history tracks {state['modules']} over {state['num_layers']} layers, "
+                f"this model {self.module_names} over {self.num_layers}")
+        if len(state["norms"]) != len(state["losses"]):
+            raise ValueError("saved norm history: norms and losses differ in length")
+        windows = [self._check_window(n, loss) for n, loss in zip(state["norms"], state["losses"])]
+        self._norms = deque((n for n, _ in windows), maxlen=self.k)
+        self._losses = deque((loss for _, loss in windows), maxlen=self.k)
+        self.windows_seen = int(state["windows_seen"])

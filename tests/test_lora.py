@@ -1,0 +1,296 @@
+"""LoRA layer, injection, freezing and merging on a tiny real timm ViT."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from prelora_hpc.lora import (
+    LoRALinear,
+    freeze_base,
+    inject_lora,
+    lora_modules,
+    lora_parameters,
+    merge_all,
+    rank_map_of,
+    trainable_parameter_names,
+    unfreeze_all,
+)
+
+VIT_ARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=10)
+# Different ranks per layer, so a layer given the wrong rank shows.
+RANKS = {"blocks.0.attn.qkv": 4, "blocks.0.mlp.fc2": 2,
+         "blocks.1.attn.proj": 8, "blocks.1.mlp.fc1": 1}
+ADAPTER_NAMES = {f"{n}.lora_{ab}.weight" for n in RANKS for ab in "AB"}
+
+
+def make_vit(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", **VIT_ARGS).eval()
+
+
+def images(seed: int = 1, n: int = 4) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def train_adapters(model: nn.Module, steps: int = 3) -> None:
+    """A few Adam steps on the adapters only, so that every B becomes non-zero."""
+    opt = torch.optim.Adam(lora_parameters(model), lr=0.05)
+    x, y = images(2, 8), torch.arange(8) % 10
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    for m in lora_modules(model).values():
+        assert m.lora_B.weight.abs().sum() > 0
+
+
+@pytest.fixture
+def lora_vit() -> nn.Module:
+    model = make_vit()
+    inject_lora(model, RANKS, alpha=8.0)
+    return model
+
+
+def test_output_unchanged_at_init():
+    model = make_vit()
+    x = images()
+    with torch.no_grad():
+        before = model(x)
+        inject_lora(model, RANKS, alpha=8.0)
+        after = model(x)
+    assert torch.equal(before, after)
+
+
+def test_inject_touches_exactly_the_named_modules():
+    model = make_vit()
+    types_before = {n: type(m) for n, m in model.named_modules()}
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    bases = {n: model.get_submodule(n) for n in RANKS}
+
+    assert inject_lora(model, RANKS, alpha=8.0) == list(RANKS)
+
+    assert rank_map_of(model) == RANKS
+    modules_after = dict(model.named_modules())
+    for name, t in types_before.items():
+        if name in RANKS:
+            wrapper = modules_after[name]
+            assert isinstance(wrapper, LoRALinear) and wrapper.r == RANKS[name]
+            assert wrapper.base_layer is bases[name]
+        else:
+            assert type(modules_after[name]) is t, name
+
+    def key_after(key: str) -> str:
+        module, _, leaf = key.rpartition(".")
+        return f"{module}.base_layer.{leaf}" if module in RANKS else key
+
+    state_after = model.state_dict()
+    for key, value in state_before.items():
+        assert torch.equal(state_after[key_after(key)], value), key
+    assert set(state_after) - {key_after(k) for k in state_before} == ADAPTER_NAMES
+    for name, r in RANKS.items():
+        base = bases[name]
+        assert state_after[f"{name}.lora_A.weight"].shape == (r, base.in_features)
+        assert state_after[f"{name}.lora_B.weight"].shape == (base.out_features, r)
+
+
+@pytest.mark.parametrize("rank_map, message", [
+    ({"blocks.0.attn.qkv": 4, "blocks.9.attn.qkv": 4}, "blocks.9.attn.qkv"),
+    ({"blocks.0.attn.qkv": 4, "blocks.0.norm1": 4}, "blocks.0.norm1"),
+    ({"blocks.0.attn.qkv": 4, "blocks.0.attn.proj": 0}, "blocks.0.attn.proj"),
+    ({"blocks.0.attn.qkv": 4, "blocks.0.attn.proj": 2.0}, "blocks.0.attn.proj"),
+    ({"blocks.0.attn.qkv": 4, "blocks.0.attn.proj": True}, "blocks.0.attn.proj"),
+    ({"": 4}, "''"),
+])
+def test_inject_rejects_bad_entries_and_changes_nothing(rank_map, message):
+    model = make_vit()
+    with pytest.raises(ValueError, match=message):
+        inject_lora(model, rank_map, alpha=8.0)
+    assert lora_modules(model) == {}
+
+
+def test_inject_rejects_already_wrapped(lora_vit):
+    for name in ("blocks.0.attn.qkv", "blocks.0.attn.qkv.base_layer"):
+        with pytest.raises(ValueError, match="already has a LoRA adapter"):
+            inject_lora(lora_vit, {name: 4}, alpha=8.0)
+    assert rank_map_of(lora_vit) == RANKS
+
+
+def test_inject_rejects_bad_alpha_before_changing_anything():
+    model = make_vit()
+    with pytest.raises(ValueError, match="alpha"):
+        inject_lora(model, RANKS, alpha=0.0)
+    assert lora_modules(model) == {}
+
+
+def test_merge_matches_unmerged_and_unmerge_restores(lora_vit):
+    x = images()
+    with torch.no_grad():
+        base_logits = lora_vit(x)
+    train_adapters(lora_vit)
+    modules = lora_modules(lora_vit)
+    original = {n: m.base_layer.weight.detach().clone() for n, m in modules.items()}
+    with torch.no_grad():
+        unmerged = lora_vit(x)
+        assert not torch.allclose(unmerged, base_logits, atol=1e-3)  # adapters matter
+        for m in modules.values():
+            m.merge()
+        once = {n: m.base_layer.weight.detach().clone() for n, m in modules.items()}
+        merged = lora_vit(x)
+        for m in modules.values():
+            m.merge()  # a second merge must not add the delta again
+        assert all(torch.equal(m.base_layer.weight, once[n]) for n, m in modules.items())
+        assert torch.allclose(merged, unmerged, atol=1e-5, rtol=0)
+        assert all(not torch.allclose(once[n], original[n]) for n in modules)
+
+        for _ in range(2):  # unmerge is idempotent
+            for m in modules.values():
+                m.unmerge()
+            for n, m in modules.items():
+                assert torch.allclose(m.base_layer.weight, original[n], atol=1e-6, rtol=0), n
+        assert torch.allclose(lora_vit(x), unmerged, atol=1e-5, rtol=0)
+
+
+def test_safe_merge_refuses_non_finite_delta(lora_vit):
+    layer = lora_modules(lora_vit)["blocks.0.mlp.fc2"]
+    before = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.lora_B.weight.fill_(float("inf"))
+    with pytest.raises(ValueError, match="blocks.0.mlp.fc2"):
+        layer.merge(safe=True)
+    assert torch.equal(layer.base_layer.weight, before)
+    assert not layer.merged
+
+    others = {n: m.base_layer.weight.detach().clone() for n, m in lora_modules(lora_vit).items()}
+    with pytest.raises(ValueError, match="blocks.0.mlp.fc2"):
+        merge_all(lora_vit)
+    assert set(lora_modules(lora_vit)) == set(RANKS)
+    for n, m in lora_modules(lora_vit).items():
+        assert torch.equal(m.base_layer.weight, others[n]) and not m.merged, n
+
+
+def test_freeze_base_keeps_only_adapters(lora_vit):
+    freeze_base(lora_vit, [])
+    assert set(trainable_parameter_names(lora_vit)) == ADAPTER_NAMES
+    assert {id(p) for p in lora_parameters(lora_vit)} == {
+        id(p) for p in lora_vit.parameters() if p.requires_grad}
+
+
+def test_freeze_base_keeps_selected_categories(lora_vit):
+    expected = set(ADAPTER_NAMES)
+    norms = 0
+    for mname, mod in lora_vit.named_modules():
+        if isinstance(mod, nn.LayerNorm):
+            norms += 1
+            expected |= {f"{mname}.{p}" for p, _ in mod.named_parameters(recurse=False)}
+    assert norms == 2 * VIT_ARGS["depth"] + 1  # norm1, norm2 per block and the final norm
+    expected |= {f"head.{p}" for p, _ in lora_vit.head.named_parameters()}
+    expected |= {"pos_embed", "cls_token"}
+
+    freeze_base(lora_vit, ["norm", "head", "pos_embed", "cls_token"])
+    assert set(trainable_parameter_names(lora_vit)) == expected
+
+    freeze_base(lora_vit, ["bias", "patch_embed"])
+    assert set(trainable_parameter_names(lora_vit)) == ADAPTER_NAMES | {
+        f"{n}.base_layer.bias" for n in RANKS} | {
+        f"patch_embed.{p}" for p, _ in lora_vit.patch_embed.named_parameters()}
+
+    unfreeze_all(lora_vit)
+    assert all(p.requires_grad for p in lora_vit.parameters())
+
+
+@pytest.mark.parametrize("keep", [["norms"], ["attn.qkv"], "norm"])
+def test_freeze_base_rejects_unknown_category(lora_vit, keep):
+    with pytest.raises(ValueError, match="keep"):
+        freeze_base(lora_vit, keep)
+
+
+def test_stage3_backward_reaches_only_adapters(lora_vit):
+    freeze_base(lora_vit, [])
+    lora_vit.train()
+    loss = F.cross_entropy(lora_vit(images(3, 4)), torch.arange(4))
+    loss.backward()
+    adapters = {id(p) for p in lora_parameters(lora_vit)}
+    for name, p in lora_vit.named_parameters():
+        if id(p) in adapters:
+            assert p.grad is not None, name
+        else:
+            assert p.grad is None, name
+    # B starts at zero, so B (not A) receives the first non-zero gradient.
+    for m in lora_modules(lora_vit).values():
+        assert m.lora_B.weight.grad.abs().sum() > 0
+
+
+def test_merge_all_gives_a_plain_timm_model(lora_vit):
+    train_adapters(lora_vit)
+    x = images()
+    with torch.no_grad():
+        lora_logits = lora_vit(x)
+        merged = merge_all(lora_vit)
+        merged_logits = merged(x)
+    assert merged is lora_vit
+    assert lora_modules(merged) == {}
+    assert all(type(merged.get_submodule(n)) is nn.Linear for n in RANKS)
+    fresh = make_vit(seed=5)
+    assert list(merged.state_dict()) == list(fresh.state_dict())
+    assert torch.allclose(merged_logits, lora_logits, atol=1e-5, rtol=0)
+
+    fresh.load_state_dict(merged.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), lora_logits, atol=1e-5, rtol=0)
+
+
+def test_layer_follows_the_base_dtype_and_casts_back():
+    base = nn.Linear(6, 5).to(torch.bfloat16)
+    layer = LoRALinear(base, r=2, alpha=4.0)
+    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.bfloat16
+    assert layer.scaling == 2.0
+    assert layer.delta_weight().dtype == torch.bfloat16
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert (layer.in_features, layer.out_features) == (6, 5)
+    assert "r=2" in repr(layer) and "scaling=2" in repr(layer)
+
+    # Adapters kept in a wider dtype than the base: the output stays in the base's.
+    layer = LoRALinear(nn.Linear(6, 5), r=2, alpha=4.0)
+    layer.lora_A.double()
+    layer.lora_B.double()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(3, 6)
+    out = layer(x)
+    assert out.dtype == torch.float32
+    branch = x.double() @ layer.lora_A.weight.T @ layer.lora_B.weight.T * 2.0
+    expected = layer.base_layer(x) + branch.float()
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_dropout_zero_adds_no_module_and_positive_dropout_applies_in_training():
+    assert isinstance(LoRALinear(nn.Linear(4, 4), r=2, alpha=2.0).lora_dropout, nn.Identity)
+    layer = LoRALinear(nn.Linear(4, 4), r=2, alpha=2.0, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B.weight.fill_(1.0)
+        x = torch.ones(64, 4)
+        layer.eval()
+        assert torch.equal(layer(x), layer(x))
+        layer.train()
+        assert not torch.equal(layer(x), layer(x))
+    with pytest.raises(ValueError, match="dropout"):
+        LoRALinear(nn.Linear(4, 4), r=2, alpha=2.0, dropout=1.0)
+
+
+def test_freeze_base_selects_by_type_and_exact_name_not_substring(lora_vit):
+    # Decoys whose names contain a category's name but are not what it means.
+    lora_vit.pos_embed_scale = nn.Parameter(torch.ones(1))
+    lora_vit.blocks[0].cls_token_gate = nn.Parameter(torch.ones(1))
+    lora_vit.blocks[0].norm_gate = nn.Linear(2, 2)
+    lora_vit.heads_extra = nn.Linear(2, 2)
+    lora_vit.blocks[1].head = nn.Linear(2, 2)
+    freeze_base(lora_vit, ["norm", "head", "pos_embed", "cls_token", "patch_embed", "bias"])
+    trainable = set(trainable_parameter_names(lora_vit))
+    for decoy in ("pos_embed_scale", "blocks.0.cls_token_gate", "blocks.0.norm_gate.weight",
+                  "heads_extra.weight", "blocks.1.head.weight"):
+        assert decoy not in trainable
+    assert {"pos_embed", "cls_token", "head.weight", "norm.weight"} <= trainable
