@@ -1,0 +1,126 @@
+"""What a run writes for people and tools: JSON lines, summary.csv and
+TensorBoard scalars, all under the run directory, on rank 0 only.
+
+``metrics.jsonl`` holds one object per line with a ``kind``: ``start``,
+``step`` (every logging interval), ``window`` (every window end, with the
+per-module, per-layer weight norms the convergence test saw), ``switch``
+(a stage change, why, the rank map, trainable parameters before/after),
+``epoch`` (evaluation) and ``end``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: CUDA max allocated on a GPU, peak RSS on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # ru_maxrss is KiB on Linux.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+class MetricsWriter:
+    """Appends metrics records; a no-op on ranks other than 0.
+
+    Appending (not truncating) keeps the history of a resumed run in one file.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self._tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional at run time
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def write(self, kind: str, **fields) -> None:
+        """One JSON line ``{"kind": kind, "time": unix_s, **fields}``."""
+        if not self.enabled:
+            return
+        rec = {"kind": kind, "time": round(time.time(), 3), **fields}
+        self._jsonl.write(json.dumps(_clean(rec)) + "\n")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """TensorBoard scalars at optimizer step ``step``."""
+        if self._tb is None:
+            return
+        for k, v in values.items():
+            if v is not None and isinstance(v, (int, float)) and math.isfinite(v):
+                self._tb.add_scalar(k, v, step)
+
+    def summary_row(self, row: dict[str, Any]) -> None:
+        """Append a row to ``summary.csv`` (header written with the first row)."""
+        if not self.enabled:
+            return
+        path = self.run_dir / "summary.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(run_dir: Path, kind: Optional[str] = None) -> list[dict]:
+    """All records of ``metrics.jsonl`` (optionally one kind), in order."""
+    out = []
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                if kind is None or rec.get("kind") == kind:
+                    out.append(rec)
+    return out
+
+
+class Log:
+    """Rank-0 progress lines; other ranks print warnings and errors only,
+    prefixed with their rank."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def info(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f"[prelora] {msg}", flush=True)
+
+    def warn(self, msg: str) -> None:
+        print(f"[prelora rank {self.rank}] warning: {msg}", file=sys.stderr, flush=True)
