@@ -1,0 +1,630 @@
+"""Job templates and launch scripts: the launch lines they build under faked
+PBS and Slurm environments, per-rank GPU affinity, the resubmission decision,
+signal handling of both templates end to end (with fake schedulers and a fake
+trainer), and one real 2-rank training run through scripts/launch.sh.
+
+No scheduler is needed: qsub, qstat, sbatch, scancel, scontrol, srun, mpiexec
+and nvidia-smi are small fakes on PATH that record how they were called.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "scripts" / "launch.sh"
+AFFINITY = ROOT / "scripts" / "gpu_affinity.sh"
+RESUBMIT = ROOT / "scripts" / "resubmit.sh"
+PBS = ROOT / "jobs" / "polaris.pbs"
+SBATCH = ROOT / "jobs" / "slurm.sbatch"
+CONFIG = "configs/vit_large_imagenet1k.yaml"
+
+HOSTS = ["x3006c0s13b0n0.hsn.cm.polaris.alcf.anl.gov", "x3006c0s19b1n0.hsn.cm.polaris.alcf.anl.gov"]
+
+# Variables of a real job or launcher that must not leak into the fakes.
+_LEAKY = ("PBS_", "SLURM_", "PRELORA_", "PMI_", "PALS_", "OMPI_", "MPI_LOCALRANKID",
+          "CUDA_VISIBLE_DEVICES", "NCCL_", "FI_")
+
+
+def _clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith(_LEAKY) and k != "NP"}
+
+# The fake trainer: records how it was started, exits 85 when SIGTERM or
+# SIGUSR1 arrives (as prelora-train does after its checkpoint), else
+# FAKE_EXIT after FAKE_RUN_S seconds.
+FAKE_TRAINER = """\
+#!{python}
+import os, signal, sys, time
+log = os.environ["FAKE_LOG"]
+got = []
+for s in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(s, lambda num, frame: got.append(num))
+with open(os.path.join(log, "trainer.args"), "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+open(os.path.join(log, "ready"), "w").close()
+deadline = time.time() + float(os.environ.get("FAKE_RUN_S", "30"))
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+with open(os.path.join(log, "trainer.result"), "a") as f:
+    f.write("signals=%s cuda=%s\\n" % (got, os.environ.get("CUDA_VISIBLE_DEVICES", "-")))
+sys.exit(85 if got else int(os.environ.get("FAKE_EXIT", "0")))
+"""
+
+
+class Fakes:
+    """A directory of fake commands put first on PATH, and a log directory."""
+
+    def __init__(self, tmp_path: Path):
+        self.bin = tmp_path / "fakebin"
+        self.log = tmp_path / "log"
+        self.bin.mkdir()
+        self.log.mkdir()
+        self.tmp = tmp_path
+
+    def add(self, name: str, body: str) -> Path:
+        p = self.bin / name
+        p.write_text(body if body.startswith("#!") else "#!/bin/bash\n" + textwrap.dedent(body))
+        p.chmod(0o755)
+        return p
+
+    def gpus(self, n: int) -> None:
+        if n:
+            lines = "".join(f"echo 'GPU {i}: NVIDIA A100-SXM4-40GB (UUID: GPU-{i})'\n" for i in range(n))
+            self.add("nvidia-smi", lines)
+        else:
+            # What nvidia-smi says on a node whose driver finds no GPU.
+            self.add("nvidia-smi", "echo 'No devices were found'; exit 6\n")
+
+    def trainer(self) -> Path:
+        return self.add("prelora-train", FAKE_TRAINER.format(python=sys.executable))
+
+    def recorder(self, name: str, stdout: str = "", then: str = "") -> None:
+        """A command that appends its arguments, one per line, to log/NAME.args."""
+        self.add(name, f"""
+            printf '%s\\n' "$@" >> "$FAKE_LOG/{name}.args"; echo '--' >> "$FAKE_LOG/{name}.args"
+            {f"echo {shlex.quote(stdout)}" if stdout else ""}
+            {then}
+        """)
+
+    def args(self, name: str) -> list[str]:
+        p = self.log / f"{name}.args"
+        return p.read_text().splitlines() if p.exists() else []
+
+    def env(self, **extra) -> dict:
+        env = _clean_env()
+        env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
+        env["FAKE_LOG"] = str(self.log)
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def nodefile(self, hosts=HOSTS, slots=4) -> Path:
+        p = self.tmp / "nodefile"
+        # PBS writes each host once per MPI slot.
+        p.write_text("".join(f"{h}\n" for h in hosts for _ in range(slots)))
+        return p
+
+
+@pytest.fixture
+def fakes(tmp_path):
+    return Fakes(tmp_path)
+
+
+def run(cmd, env, timeout=60, **kw):
+    return subprocess.run([str(c) for c in cmd], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def dry_run(fakes, env, *launch_args, train_args=("--output-dir", "runs/x")):
+    """scripts/launch.sh --dry-run; returns (comment lines, command as argv)."""
+    r = run([LAUNCH, "--dry-run", *launch_args, "--", CONFIG, *train_args], env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    comments = [line for line in lines if line.startswith("#")]
+    commands = [line for line in lines if not line.startswith("#")]
+    assert len(commands) == 1, r.stdout
+    return "\n".join(comments), shlex.split(commands[0])
+
+
+def follows(argv, *seq):
+    """True if the tokens seq appear consecutively in argv."""
+    n = len(seq)
+    return any(tuple(argv[i:i + n]) == seq for i in range(len(argv) - n + 1))
+
+
+# --------------------------------------------------------------------------- #
+# Syntax and content of the files themselves.
+
+
+@pytest.mark.parametrize("path", [LAUNCH, AFFINITY, RESUBMIT, PBS, SBATCH], ids=lambda p: p.name)
+def test_scripts_parse(path):
+    r = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("path", [LAUNCH, AFFINITY, RESUBMIT], ids=lambda p: p.name)
+def test_scripts_are_executable(path):
+    assert os.access(path, os.X_OK)
+
+
+def test_pbs_template_directives():
+    text = PBS.read_text()
+    for directive in ("#PBS -A ", "#PBS -q ", "#PBS -l select=", "system=polaris",
+                      "#PBS -l place=scatter", "#PBS -l walltime=",
+                      "#PBS -l filesystems=home:eagle", "#PBS -j oe"):
+        assert directive in text, directive
+    assert "module load conda" in text and "conda activate base" in text
+    assert "scripts/launch.sh" in text and "scripts/resubmit.sh" in text
+
+
+def test_slurm_template_directives():
+    text = SBATCH.read_text()
+    for directive in ("#SBATCH -A ", "#SBATCH -q ", "#SBATCH -C gpu", "#SBATCH --nodes=",
+                      "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                      "#SBATCH --cpus-per-task=32", "#SBATCH -t ", "#SBATCH --signal=B:USR1@300"):
+        assert directive in text, directive
+    assert "SLURM_SUBMIT_DIR" in text and "scripts/resubmit.sh" in text
+
+
+@pytest.mark.parametrize("path", [LAUNCH, AFFINITY, RESUBMIT, PBS, SBATCH], ids=lambda p: p.name)
+def test_no_personal_paths(path):
+    text = path.read_text()
+    for bad in ("/home/", "/Users/", "/global/homes/", "/work/main"):
+        assert bad not in text, f"{path.name} mentions {bad}"
+
+
+def test_reference_config_loads():
+    from prelora_hpc.config import load_config
+
+    cfg = load_config(ROOT / CONFIG)
+    assert cfg.model.name == "vit_large_patch16_224" and cfg.model.num_classes == 1000
+    assert cfg.data.source == "hdf5" and cfg.data.path
+    assert cfg.deepspeed.train_batch_size == 4096
+    assert cfg.deepspeed.train_batch_size % (cfg.deepspeed.micro_batch_size
+                                             * cfg.deepspeed.grad_accum_steps) == 0
+    assert cfg.run.epochs == 300 and cfg.deepspeed.precision == "bf16"
+
+
+# --------------------------------------------------------------------------- #
+# scripts/launch.sh --dry-run
+
+
+def test_launch_pbs(fakes):
+    fakes.gpus(4)
+    fakes.trainer()
+    nodefile = fakes.nodefile()
+    comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, PBS_JOBID="1.polaris"))
+    assert follows(argv, "-n", "8") and follows(argv, "--ppn", "4")
+    assert "--depth=8" in argv and follows(argv, "--cpu-bind", "depth")
+    assert "--envall" in argv and follows(argv, "--hostfile", str(nodefile))
+    # The affinity wrapper comes right before the trainer.
+    i = argv.index(str(AFFINITY))
+    assert argv[i + 1] == str(fakes.bin / "prelora-train")
+    assert argv[i + 2:] == ["--config", CONFIG, "--output-dir", "runs/x"]
+    assert "nodes=2" in comments and "ranks_per_node=4" in comments and "ranks=8" in comments
+    assert "master_addr=x3006c0s13b0n0.hsn.cm.polaris.alcf.anl.gov" in comments
+    assert "NCCL_NET=AWS\\ Libfabric" in comments and "NCCL_NET_GDR_LEVEL=PHB" in comments
+    assert "FI_CXI_DEFAULT_CQ_SIZE=131072" in comments
+
+
+def test_launch_pbs_options(fakes):
+    fakes.gpus(4)
+    nodefile = fakes.nodefile()
+    env = fakes.env(PBS_NODEFILE=nodefile)
+    comments, argv = dry_run(fakes, env, "--no-nccl-env", "--ppn", "2", "--depth", "16")
+    assert follows(argv, "-n", "4") and follows(argv, "--ppn", "2") and "--depth=16" in argv
+    assert "NCCL_" not in comments and "FI_MR_CACHE_MONITOR=userfaultfd" in comments
+    # A value already in the environment (a conda module's) is kept.
+    env["NCCL_NET_GDR_LEVEL"] = "SYS"
+    comments, _ = dry_run(fakes, env)
+    assert "NCCL_NET_GDR_LEVEL=SYS" in comments
+    # Another network name suffix, or none.
+    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, PRELORA_HSN_SUFFIX=".hsn.example"))
+    assert "master_addr=x3006c0s13b0n0.hsn.example" in comments
+    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, PRELORA_HSN_SUFFIX=""))
+    assert f"master_addr={HOSTS[0]} " in comments
+
+
+def test_launch_pbs_without_gpus(fakes):
+    fakes.gpus(0)
+    comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=fakes.nodefile(slots=1)))
+    assert follows(argv, "-n", "8") and follows(argv, "--ppn", "4")   # the default
+    assert "NCCL_" not in comments and "FI_" not in comments
+
+
+def test_launch_pbs_stop_timer_from_qstat(fakes):
+    fakes.gpus(0)
+    fakes.add("qstat", """
+        cat <<EOT
+        Job Id: $2
+            Resource_List.walltime = 01:00:00
+            resources_used.walltime = 00:00:00
+            stime = $(date -d '-100 seconds' '+%a %b %e %H:%M:%S %Y')
+        EOT
+    """)
+    env = fakes.env(PBS_NODEFILE=fakes.nodefile(), PBS_JOBID="1.polaris")
+    comments, _ = dry_run(fakes, env)
+    # 3600 s walltime - 100 s elapsed - 300 s margin, give or take a second.
+    assert "stop_before=300s (SIGTERM in 32" in comments, comments
+    comments, _ = dry_run(fakes, env, "--stop-before", "0")
+    assert "stop_before=off" in comments
+
+
+def test_launch_slurm(fakes):
+    fakes.gpus(4)
+    fakes.trainer()
+    fakes.add("scontrol", '[ "$1 $2" = "show hostnames" ] && printf "nid001000\\nnid001001\\n"')
+    env = fakes.env(SLURM_JOB_ID=42, SLURM_JOB_NUM_NODES=2, SLURM_NTASKS_PER_NODE=4,
+                    SLURM_JOB_NODELIST="nid[001000-001001]", SLURM_CPUS_PER_TASK=32)
+    comments, argv = dry_run(fakes, env)
+    assert Path(argv[0]).name == "srun" and "--mpi=pmi2" in argv
+    assert follows(argv, "-n", "8") and follows(argv, "--ntasks-per-node", "4")
+    assert "--cpu-bind=cores" in argv and follows(argv, "-c", "32")
+    assert "--gpus-per-task=1" in argv and "--gpu-bind=none" in argv
+    assert str(AFFINITY) not in argv
+    i = argv.index(str(fakes.bin / "prelora-train"))
+    assert argv[i + 1:] == ["--config", CONFIG, "--output-dir", "runs/x"]
+    assert "master_addr=nid001000" in comments and "nodes=2" in comments
+
+    # Through mpiexec instead of srun.
+    comments, argv = dry_run(fakes, env, "--launcher", "mpiexec")
+    assert Path(argv[0]).name == "mpiexec"
+    assert follows(argv, "-n", "8") and follows(argv, "--ppn", "4")
+
+    # A CPU partition: no GPU options; the site's own srun MPI plugin.
+    fakes.gpus(0)
+    env.update(SLURM_NTASKS_PER_NODE="2", SLURM_JOB_NUM_NODES="1", PRELORA_SRUN_MPI="")
+    comments, argv = dry_run(fakes, env)
+    assert follows(argv, "-n", "2") and not any(a.startswith(("--gpu", "--mpi")) for a in argv)
+
+
+def test_launch_local(fakes):
+    fakes.gpus(0)
+    fakes.trainer()
+    _, argv = dry_run(fakes, fakes.env())
+    assert Path(argv[0]).name == "mpiexec" and argv[1:3] == ["-n", "2"]
+    assert argv[3:] == [str(fakes.bin / "prelora-train"), "--config", CONFIG, "--output-dir", "runs/x"]
+    _, argv = dry_run(fakes, fakes.env(NP=3))
+    assert argv[1:3] == ["-n", "3"]
+    _, argv = dry_run(fakes, fakes.env(NP=3), "--np", "4")
+    assert argv[1:3] == ["-n", "4"]
+
+
+def test_launch_prefers_the_mpiexec_beside_the_trainer(fakes):
+    fakes.gpus(0)
+    fakes.trainer()
+    fakes.add("mpiexec", "exit 0")
+    _, argv = dry_run(fakes, fakes.env())
+    assert argv[0] == str(fakes.bin / "mpiexec")
+    _, argv = dry_run(fakes, fakes.env(PRELORA_MPIEXEC="/opt/site/bin/mpiexec"))
+    assert argv[0] == "/opt/site/bin/mpiexec"
+
+
+@pytest.mark.parametrize("args", [
+    ["--bogus", "--", CONFIG],
+    ["--launcher", "srun", "--", CONFIG],            # not in a Slurm job
+    ["--launcher", "aprun", "--", CONFIG],
+    ["--ppn", "0", "--", CONFIG],
+    ["--np", "two", "--", CONFIG],
+    ["--"],                                           # no config
+    ["--", "configs/does_not_exist.yaml"],            # only a dry run tolerates that
+])
+def test_launch_usage_errors(fakes, args):
+    fakes.trainer()
+    r = run([LAUNCH, *args], fakes.env())
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "launch.sh:" in r.stderr
+
+
+def test_launch_help():
+    r = run([LAUNCH, "--help"], os.environ)
+    assert r.returncode == 0 and "--dry-run" in r.stdout and "--no-nccl-env" in r.stdout
+
+
+# --------------------------------------------------------------------------- #
+# scripts/launch.sh for real, with a fake launcher and trainer.
+
+
+@pytest.mark.parametrize("code", [0, 3, 85])
+def test_launch_propagates_exit_code(fakes, code):
+    fakes.gpus(0)
+    fakes.trainer()
+    fakes.add("mpiexec", 'while [ $# -gt 0 ] && [[ $1 != */prelora-train ]]; do shift; done; exec "$@"')
+    r = run([LAUNCH, "--", CONFIG], fakes.env(FAKE_RUN_S=0, FAKE_EXIT=code))
+    assert r.returncode == code, r.stderr
+    assert fakes.log.joinpath("trainer.args").read_text().split() == ["--config", CONFIG]
+
+
+def test_launch_stops_before_pbs_walltime(fakes):
+    """Under PBS launch.sh sends SIGTERM --stop-before seconds before the
+    walltime that qstat reports; the trainer's 85 comes back out."""
+    fakes.gpus(0)
+    fakes.trainer()
+    fakes.add("qstat", "printf '    Resource_List.walltime = 00:00:05\\n'")
+    fakes.add("mpiexec", 'while [ $# -gt 0 ] && [[ $1 != */gpu_affinity.sh ]]; do shift; done; exec "$@"')
+    env = fakes.env(PBS_NODEFILE=fakes.nodefile(), PBS_JOBID="1.polaris", FAKE_RUN_S=30)
+    t0 = time.monotonic()
+    r = run([LAUNCH, "--stop-before", "4", "--", CONFIG], env)
+    assert r.returncode == 85, r.stderr
+    assert time.monotonic() - t0 < 20
+    assert "asking the trainer to checkpoint and stop" in r.stderr
+    assert "signals=[15]" in fakes.log.joinpath("trainer.result").read_text()
+
+
+# --------------------------------------------------------------------------- #
+# scripts/gpu_affinity.sh
+
+
+@pytest.mark.parametrize("var", ["PMI_LOCAL_RANK", "PALS_LOCAL_RANKID", "SLURM_LOCALID",
+                                 "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"])
+def test_gpu_affinity_reverse_order(fakes, var):
+    fakes.gpus(4)
+    seen = []
+    for local_rank in range(8):
+        r = run([AFFINITY, "sh", "-c", 'echo "$CUDA_VISIBLE_DEVICES"'], fakes.env(**{var: local_rank}))
+        assert r.returncode == 0, r.stderr
+        seen.append(r.stdout.strip())
+    assert seen == ["3", "2", "1", "0", "3", "2", "1", "0"]
+
+
+def test_gpu_affinity_leaves_things_alone(fakes):
+    show = ["sh", "-c", 'echo "${CUDA_VISIBLE_DEVICES-unset}"; exit 7']
+    fakes.gpus(4)
+    # The user's own setting wins, even an empty one.
+    assert run([AFFINITY, *show], fakes.env(PMI_LOCAL_RANK=0, CUDA_VISIBLE_DEVICES="1")).stdout.strip() == "1"
+    assert run([AFFINITY, *show], fakes.env(PMI_LOCAL_RANK=0, CUDA_VISIBLE_DEVICES="")).stdout.strip() == ""
+    # No local rank from the launcher.
+    assert run([AFFINITY, *show], fakes.env()).stdout.strip() == "unset"
+    # No GPU on the node; and the command's exit status comes through.
+    fakes.gpus(0)
+    r = run([AFFINITY, *show], fakes.env(PMI_LOCAL_RANK=2))
+    assert r.stdout.strip() == "unset" and r.returncode == 7
+
+
+# --------------------------------------------------------------------------- #
+# scripts/resubmit.sh
+
+
+SCHEDULERS = {
+    "pbs": dict(env={"PBS_JOBID": "100.polaris-pbs"}, submit="qsub", script=PBS, stdout="101.polaris-pbs"),
+    "slurm": dict(env={"SLURM_JOB_ID": "100", "SLURM_JOB_NUM_NODES": "2",
+                       "SLURM_NTASKS_PER_NODE": "4", "SLURM_GPUS_PER_NODE": "4"},
+                  submit="sbatch", script=SBATCH, stdout="Submitted batch job 101"),
+}
+
+
+def resubmit(fakes, scheduler, code, left=None, extra_env=None, *args):
+    s = SCHEDULERS[scheduler]
+    fakes.recorder(s["submit"], stdout=s["stdout"])
+    env = fakes.env(**s["env"], **(extra_env or {}))
+    if left is not None:
+        env["PRELORA_MAX_RESUBMITS"] = str(left)
+    r = run([RESUBMIT, "--exit-code", code, *args, "--", s["script"]], env)
+    assert r.returncode == 0, r.stderr
+    return r, fakes.args(s["submit"])
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_resubmit_on_85_with_one_less(fakes, scheduler):
+    r, args = resubmit(fakes, scheduler, 85, 5, {"PRELORA_RUN_DIR": "runs/a,b"},
+                       "--vars", "PRELORA_RUN_DIR PRELORA_NOT_SET")
+    assert args[-2:] == [str(SCHEDULERS[scheduler]["script"]), "--"]
+    if scheduler == "pbs":
+        assert args[args.index("-W") + 1] == "depend=afterany:100.polaris-pbs"
+        carried = args[args.index("-v") + 1]
+        assert carried.startswith("PRELORA_MAX_RESUBMITS=4,")
+        assert "PRELORA_RUN_DIR='runs/a,b'" in carried     # a comma is quoted
+        assert "PRELORA_NOT_SET" not in carried
+    else:
+        assert "--export=ALL,PRELORA_MAX_RESUBMITS=4" in args
+        assert "--dependency=afterany:100" in args
+        # The job's shape is repeated, whatever the #SBATCH lines say.
+        for opt in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4"):
+            assert opt in args
+    assert "submitted" in r.stdout
+
+
+def test_resubmit_default_counter_and_submit_args(fakes):
+    r, args = resubmit(fakes, "slurm", 85, None, {"PRELORA_SUBMIT_ARGS": "--constraint= -p cpu"})
+    assert "--export=ALL,PRELORA_MAX_RESUBMITS=19" in args
+    i = args.index("--constraint=")
+    assert args[i + 1:i + 3] == ["-p", "cpu"]
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("code,message", [(0, "finished"), (1, "failed"), (2, "failed"), (137, "failed")])
+def test_no_resubmit_unless_85(fakes, scheduler, code, message):
+    r, args = resubmit(fakes, scheduler, code, 5)
+    assert args == [] and message in r.stdout
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_no_resubmit_when_counter_exhausted(fakes, scheduler):
+    r, args = resubmit(fakes, scheduler, 85, 0)
+    assert args == [] and "limit is reached" in r.stdout
+
+
+def test_no_resubmit_with_stop_file(fakes, tmp_path):
+    stop = tmp_path / "NO_RESUBMIT"
+    stop.touch()
+    r, args = resubmit(fakes, "pbs", 85, 5, None, "--stop-file", str(stop))
+    assert args == [] and "NO_RESUBMIT" in r.stdout
+    assert not stop.exists()            # once only
+    r, args = resubmit(fakes, "pbs", 85, 5, None, "--stop-file", str(stop))
+    assert args != []
+
+
+def test_resubmit_failure_and_usage(fakes):
+    fakes.add("sbatch", "echo 'sbatch: error: invalid partition' >&2; exit 1")
+    env = fakes.env(SLURM_JOB_ID=1)
+    r = run([RESUBMIT, "--exit-code", 85, SBATCH], env)
+    assert r.returncode == 1 and "invalid partition" in r.stderr
+    r = run([RESUBMIT, "--exit-code", "x", SBATCH], env)
+    assert r.returncode == 2
+    r = run([RESUBMIT, "--exit-code", 85, SBATCH], fakes.env())   # not in a job
+    assert r.returncode == 2 and "PBS_JOBID" in r.stderr
+
+
+# --------------------------------------------------------------------------- #
+# The templates end to end, with fake schedulers and a fake trainer.
+
+
+def wait_for(path: Path, timeout=20.0):
+    t0 = time.monotonic()
+    while not path.exists():
+        assert time.monotonic() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_slurm_template_forwards_usr1_and_resubmits(fakes, tmp_path):
+    """#SBATCH --signal=B:USR1 reaches only the batch shell: its trap passes
+    the signal to the job step, the trainer exits 85, the job resubmits."""
+    fakes.gpus(0)
+    fakes.trainer()
+    fakes.add("scontrol", '[ "$1 $2" = "show hostnames" ] && echo localhost')
+    # srun records its options and runs the trainer as the "step".
+    fakes.add("srun", """
+        printf '%s\\n' "$@" > "$FAKE_LOG/srun.args"
+        while [ $# -gt 0 ] && [[ $1 != */prelora-train ]]; do shift; done
+        echo $$ > "$FAKE_LOG/step.pid"
+        exec "$@"
+    """)
+    fakes.recorder("scancel", then='[[ $1 == --signal=* ]] && kill -s "${1#--signal=}" "$(cat "$FAKE_LOG/step.pid")"')
+    fakes.recorder("sbatch", stdout="Submitted batch job 6")
+    env = fakes.env(SLURM_JOB_ID=5, SLURM_SUBMIT_DIR=ROOT, SLURM_JOB_NUM_NODES=1,
+                    SLURM_NTASKS_PER_NODE=2, SLURM_JOB_NODELIST="localhost", SLURM_GPUS_ON_NODE=0,
+                    PRELORA_VENV="", PRELORA_RUN_DIR=tmp_path / "run", PRELORA_CONFIG=CONFIG,
+                    PRELORA_TRAIN_ARGS="run.epochs=2", PRELORA_MAX_RESUBMITS=3, FAKE_RUN_S=30)
+    job = subprocess.Popen(["bash", str(SBATCH)], env=env, cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(fakes.log / "ready")
+        job.send_signal(signal.SIGUSR1)        # what --signal=B:USR1@300 does
+        out, _ = job.communicate(timeout=30)
+    finally:
+        job.kill()
+    assert job.returncode == 85, out
+    assert "signals=[10]" in fakes.log.joinpath("trainer.result").read_text()
+    assert fakes.args("scancel")[:2] == ["--signal=USR1", "5"]
+    srun = fakes.log.joinpath("srun.args").read_text().split()
+    assert follows(srun, "-n", "2") and follows(srun, "--ntasks-per-node", "2")
+    trainer = fakes.log.joinpath("trainer.args").read_text().split()
+    assert trainer == ["--config", CONFIG, "--output-dir", str(tmp_path / "run"), "run.epochs=2"]
+    sbatch = fakes.args("sbatch")
+    assert "--export=ALL,PRELORA_MAX_RESUBMITS=2" in sbatch and "jobs/slurm.sbatch" in sbatch
+    assert "--nodes=1" in sbatch and "--ntasks-per-node=2" in sbatch
+
+
+def test_slurm_template_finished_run_does_not_resubmit(fakes, tmp_path):
+    fakes.gpus(0)
+    fakes.trainer()
+    fakes.add("srun", 'while [ $# -gt 0 ] && [[ $1 != */prelora-train ]]; do shift; done; exec "$@"')
+    fakes.recorder("sbatch", stdout="Submitted batch job 6")
+    env = fakes.env(SLURM_JOB_ID=5, SLURM_SUBMIT_DIR=ROOT, SLURM_JOB_NUM_NODES=1,
+                    SLURM_NTASKS_PER_NODE=2, PRELORA_VENV="", PRELORA_RUN_DIR=tmp_path / "run",
+                    PRELORA_DATA_PATH="/data/in1k.h5", FAKE_RUN_S=0, FAKE_EXIT=0)
+    r = run(["bash", SBATCH], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert fakes.args("sbatch") == [] and "finished" in r.stdout
+    trainer = fakes.log.joinpath("trainer.args").read_text().split()
+    assert trainer[-1] == "data.path=/data/in1k.h5"
+
+
+def pbs_fakes(fakes, walltime="01:00:00"):
+    fakes.gpus(4)
+    fakes.trainer()
+    fakes.add("module", "exit 0")
+    fakes.add("conda", "exit 0")
+    fakes.add("qstat", f"printf '    Resource_List.walltime = {walltime}\\n'")
+    # mpiexec (Cray PALS on Polaris) records its options, then runs one rank
+    # through the affinity wrapper as local rank 0.
+    fakes.add("mpiexec", """
+        printf '%s\\n' "$@" > "$FAKE_LOG/mpiexec.args"
+        while [ $# -gt 0 ] && [[ $1 != */gpu_affinity.sh ]]; do shift; done
+        PMI_LOCAL_RANK=0 exec "$@"
+    """)
+    fakes.recorder("qsub", stdout="78.polaris-pbs")
+
+
+def pbs_env(fakes, tmp_path, **extra):
+    base = dict(PBS_JOBID="77.polaris-pbs", PBS_NODEFILE=fakes.nodefile(), PBS_O_WORKDIR=ROOT,
+                PRELORA_VENV="", PRELORA_RUN_DIR=tmp_path / "run", PRELORA_MAX_RESUBMITS=3,
+                FAKE_RUN_S=30)
+    return fakes.env(**{**base, **extra})
+
+
+def test_pbs_template_stops_before_walltime_and_resubmits(fakes, tmp_path):
+    pbs_fakes(fakes, walltime="00:00:05")
+    env = pbs_env(fakes, tmp_path, PRELORA_LAUNCH_ARGS="--stop-before 4",
+                  PRELORA_DATA_PATH="/lus/eagle/projects/P/in1k.h5")
+    r = run(["bash", PBS], env)
+    assert r.returncode == 85, r.stdout + r.stderr
+    # The rank saw SIGTERM from launch.sh's timer, on the reversed GPU.
+    assert fakes.log.joinpath("trainer.result").read_text().strip() == "signals=[15] cuda=3"
+    mpiexec = fakes.log.joinpath("mpiexec.args").read_text().split()
+    assert follows(mpiexec, "-n", "8") and follows(mpiexec, "--cpu-bind", "depth")
+    qsub = fakes.args("qsub")
+    assert qsub[qsub.index("-W") + 1] == "depend=afterany:77.polaris-pbs"
+    carried = qsub[qsub.index("-v") + 1].split(",")
+    assert carried[0] == "PRELORA_MAX_RESUBMITS=2"
+    assert f"PRELORA_RUN_DIR={tmp_path / 'run'}" in carried
+    assert "PRELORA_DATA_PATH=/lus/eagle/projects/P/in1k.h5" in carried
+    assert "PRELORA_LAUNCH_ARGS=--stop-before 4" in carried
+    assert "jobs/polaris.pbs" in qsub
+
+
+def test_pbs_template_survives_walltime_sigterm(fakes, tmp_path):
+    """At the end of the walltime PBS sends SIGTERM to every process of the
+    job: the batch shell must live on to resubmit."""
+    pbs_fakes(fakes)
+    env = pbs_env(fakes, tmp_path, PRELORA_LAUNCH_ARGS="--stop-before 0")
+    job = subprocess.Popen(["bash", str(PBS)], env=env, cwd=tmp_path, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(fakes.log / "ready")
+        os.killpg(job.pid, signal.SIGTERM)
+        out, _ = job.communicate(timeout=30)
+    finally:
+        job.kill()
+    assert job.returncode == 85, out
+    assert "signals=[15]" in fakes.log.joinpath("trainer.result").read_text()
+    assert fakes.args("qsub"), out
+
+
+def test_pbs_template_failure_does_not_resubmit(fakes, tmp_path):
+    pbs_fakes(fakes)
+    env = pbs_env(fakes, tmp_path, FAKE_RUN_S=0, FAKE_EXIT=1)
+    r = run(["bash", PBS], env)
+    assert r.returncode == 1 and fakes.args("qsub") == []
+    assert "failed" in r.stdout
+
+
+# --------------------------------------------------------------------------- #
+# A real run: two MPI ranks on this machine through scripts/launch.sh.
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_quickstart_through_launch_sh(tmp_path):
+    if shutil.which("prelora-train") is None:
+        pytest.skip("prelora-train is not on PATH (activate the venv, or run `make test`)")
+    if not (ROOT / "configs" / "quickstart.yaml").exists():
+        pytest.skip("configs/quickstart.yaml is missing")
+    env = _clean_env()
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    out = tmp_path / "run"
+    r = run([LAUNCH, "--np", "2", "--", "configs/quickstart.yaml", "--output-dir", out,
+             "run.max_steps=4"], env, timeout=850)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "scheduler=local" in r.stderr and "ranks=2" in r.stderr
+    assert out.is_dir() and any(out.iterdir())
