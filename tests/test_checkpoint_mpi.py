@@ -1,0 +1,141 @@
+"""Checkpoints, exact resume across the stage switch, walltime signals and faults,
+on real MPI ranks."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from mpi_util import ROOT, env, mpiexec, run_mpi, script_cmd, train_cmd
+from prelora_hpc import checkpoint as ckpt
+from prelora_hpc.config import ConfigError, load_config
+from prelora_hpc.metrics import read_metrics
+
+pytestmark = pytest.mark.mpi
+
+# vit_tiny_cpu: 8 steps per epoch on 2 ranks, 2-step windows, k=2, loose
+# thresholds: stage 2 from step 4, stage 3 from step 6, 16 steps in all.
+# A constant learning rate keeps run.max_steps from changing the schedule.
+BASE = ["optim.schedule=constant", "logging.interval_steps=1"]
+
+
+def step_losses(run_dir):
+    out = {}
+    for r in read_metrics(run_dir, "step"):
+        out[r["step"]] = r["loss"]   # a resumed run's records override
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_mpi(train_cmd(out, *BASE))
+    return out
+
+
+def test_resume_in_each_stage_matches_an_uninterrupted_run(reference, tmp_path):
+    ref = step_losses(reference)
+    assert len(ref) == 16
+    for stop, stage in ((3, 1), (5, 2), (9, 3)):
+        p = run_mpi(train_cmd(tmp_path, *BASE, f"run.max_steps={stop}"))
+        point = ckpt.find_resume(load_config(tmp_path / "config.yaml"))
+        assert (point.global_step, point.stage) == (stop, stage)
+        if stage > 1:
+            assert point.rank_map == json.loads((reference / "rank_map.json").read_text())
+    p = run_mpi(train_cmd(tmp_path, *BASE))
+    assert "resumed from" in p.stdout and "in stage 3 (LoRA only) at step 9" in p.stdout
+    got = step_losses(tmp_path)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], abs=1e-5), f"step {step}"
+    starts = read_metrics(tmp_path, "start")
+    assert [s["resumed_step"] for s in starts] == [0, 3, 5, 9]
+    assert [s["stage"] for s in starts] == [1, 1, 2, 3]
+
+
+def test_checkpoint_of_another_model_is_refused(reference, tmp_path):
+    cfg = load_config(reference / "config.yaml", ["model.depth=3"])
+    with pytest.raises(ConfigError, match="model.depth"):
+        ckpt.find_resume(cfg, str(reference))
+
+
+def _wait_for(pred, timeout, what):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _steps_done(run_dir):
+    try:
+        return len(read_metrics(run_dir, "step"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def _start(run_dir, *overrides):
+    cmd = [mpiexec(), "-n", "2", *train_cmd(run_dir, *BASE, "run.epochs=200", *overrides)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigterm_checkpoints_and_exits_for_resubmission(tmp_path):
+    proc = _start(tmp_path)
+    _wait_for(lambda: _steps_done(tmp_path) >= 3, 180, "three training steps")
+    proc.send_signal(signal.SIGTERM)  # what PBS sends at the end of walltime
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 85, out[-3000:]
+    stop = read_metrics(tmp_path, "stop")[-1]
+    point = ckpt.find_resume(load_config(tmp_path / "config.yaml"))
+    assert point.global_step == stop["step"] and (point.path / ckpt.SIDECAR).is_file()
+    assert f"stopping at step {stop['step']} on SIGTERM" in out
+
+
+#: A dead rank ends the job within this many seconds (Hydra tears the job
+#: down when a rank dies; the collective timeout bounds the rest).
+DEAD_RANK_BOUND_S = 60
+
+
+def test_killed_rank_ends_the_job_and_keeps_the_checkpoint(tmp_path):
+    proc = _start(tmp_path, "checkpoint.every_steps=2", "run.collective_timeout_s=30")
+    _wait_for(lambda: (tmp_path / "checkpoints" / "latest").is_file(), 180, "a checkpoint")
+    ranks = [p for p in psutil.process_iter(["cmdline", "name"])
+             if str(tmp_path) in " ".join(p.info["cmdline"] or [])
+             and "python" in " ".join(p.info["cmdline"] or [])
+             and "mpiexec" not in (p.info["name"] or "")]
+    assert len(ranks) == 2, [p.info for p in ranks]
+    victim = max(ranks, key=lambda p: p.pid)
+    t0 = time.time()
+    victim.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=DEAD_RANK_BOUND_S + 30)
+    elapsed = time.time() - t0
+    assert proc.returncode != 0
+    assert elapsed < DEAD_RANK_BOUND_S, f"job took {elapsed:.0f} s to end after a rank died"
+    point = ckpt.find_resume(load_config(tmp_path / "config.yaml"))
+    assert (point.path / ckpt.SIDECAR).is_file()
+    # Still loadable: resume it for one more step.
+    p = run_mpi(train_cmd(tmp_path, *BASE, f"run.max_steps={point.global_step + 1}"))
+    assert f"at step {point.global_step}" in p.stdout
+
+
+def test_nan_loss_stops_with_message_and_keeps_latest(tmp_path):
+    p = run_mpi(script_cmd("nan_at_step.py", 5, "--config", "configs/vit_tiny_cpu.yaml",
+                           "--output-dir", tmp_path, *BASE, "checkpoint.every_steps=2"),
+                check=False)
+    assert p.returncode != 0
+    assert "non-finite loss at step 5" in p.stderr and "stage 2" in p.stderr, p.stderr[-2000:]
+    point = ckpt.find_resume(load_config(tmp_path / "config.yaml"))
+    assert point.global_step == 4 and (point.path / ckpt.SIDECAR).is_file()
+
+
+def test_nan_loss_can_skip_steps_instead(tmp_path):
+    p = run_mpi(script_cmd("nan_at_step.py", 5, "--config", "configs/vit_tiny_cpu.yaml",
+                           "--output-dir", tmp_path, *BASE, "run.on_nonfinite_loss=skip"))
+    end = read_metrics(tmp_path, "end")[-1]
+    assert end["skipped_steps"] == 1 and end["step"] == 16
