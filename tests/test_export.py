@@ -1,0 +1,60 @@
+"""Export: the merged model is a plain timm model with the trained logits, and
+PEFT reads the adapters onto the exported base."""
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from mpi_util import run_mpi, train_cmd
+from prelora_hpc.export import export, load_trained
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    run_mpi(train_cmd(run, "run.epochs=1"))  # reaches stage 3 at step 6 of 8
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    return export(trained)
+
+
+def test_merged_model_loads_into_fresh_timm_and_matches_lora_logits(trained, exported):
+    _, lora_model, point = load_trained(trained)
+    assert point.stage == 3
+    kw = json.loads((exported / "model.json").read_text())
+    fresh = timm.create_model(kw.pop("model_name"), pretrained=False,
+                              **{k: v for k, v in kw.items()
+                                 if k not in ("checkpoint", "stage", "global_step")})
+    fresh.load_state_dict(load_file(exported / "model.safetensors"), strict=True)
+    fresh.eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), lora_model(x), atol=1e-4)
+
+
+def test_peft_reads_the_adapters_onto_the_exported_base(trained, exported):
+    peft = pytest.importorskip("peft")
+    _, lora_model, _ = load_trained(trained)
+    kw = json.loads((exported / "model.json").read_text())
+    base = timm.create_model(kw["model_name"], pretrained=False, img_size=kw["img_size"],
+                             num_classes=kw["num_classes"], patch_size=kw["patch_size"],
+                             embed_dim=kw["embed_dim"], depth=kw["depth"],
+                             num_heads=kw["num_heads"])
+    base.load_state_dict(load_file(exported / "base_model.safetensors"), strict=True)
+    model = peft.PeftModel.from_pretrained(base, str(exported / "adapter")).eval()
+    cfg = json.loads((exported / "adapter" / "adapter_config.json").read_text())
+    assert len(cfg["rank_pattern"]) == len(cfg["target_modules"]) == 8
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(model(x), lora_model(x), atol=1e-4)
+    ranks = {n: m.r["default"] for n, m in model.base_model.model.named_modules()
+             if hasattr(m, "lora_A") and isinstance(getattr(m, "r", None), dict)}
+    assert sorted(ranks.values()) == sorted(cfg["rank_pattern"].values())
