@@ -15,6 +15,13 @@ from prelora_hpc.launch import init_distributed
 from prelora_hpc.train import Trainer
 
 
+def memory_bytes() -> int:
+    """CUDA memory allocated on a GPU, resident memory on the CPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.memory_allocated())
+    return rss_bytes()
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
@@ -35,7 +42,7 @@ def main():
         for _ in range(2):
             t.train_step(x, y)
         gc.collect()
-        series.append(rss_bytes())
+        series.append(memory_bytes())
     t.close()
     with open(f"{out}/rss_rank{dist.rank}.json", "w") as f:
         json.dump(series, f)
