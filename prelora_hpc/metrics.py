@@ -112,15 +112,45 @@ def read_metrics(run_dir: Path, kind: Optional[str] = None) -> list[dict]:
 
 
 class Log:
-    """Rank-0 progress lines; other ranks print warnings and errors only,
-    prefixed with their rank."""
+    """Rank-0 progress; other ranks print warnings and errors only, prefixed
+    with their rank.
 
-    def __init__(self, rank: int):
+    On a terminal (``logging.progress: auto`` or ``bar``) rank 0 shows a
+    progress bar with stage, loss, images/s and ETA, and log lines scroll
+    above it; in a batch job (output to a file) it prints plain lines every
+    ``logging.interval_steps`` steps instead.
+    """
+
+    def __init__(self, rank: int, progress: str = "plain"):
         self.rank = rank
+        self.bar_mode = rank == 0 and (
+            progress == "bar" or (progress == "auto" and sys.stdout.isatty()))
+        self._bar = None
 
     def info(self, msg: str) -> None:
-        if self.rank == 0:
+        if self.rank != 0:
+            return
+        if self._bar is not None:
+            self._bar.write(f"[prelora] {msg}")
+        else:
             print(f"[prelora] {msg}", flush=True)
+
+    def progress(self, step: int, total: int, desc: str, **postfix) -> None:
+        """Move the bar to optimizer step ``step`` of ``total`` (bar mode only)."""
+        if not self.bar_mode:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True)
+        self._bar.set_description(desc, refresh=False)
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(step - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def warn(self, msg: str) -> None:
         print(f"[prelora rank {self.rank}] warning: {msg}", file=sys.stderr, flush=True)

@@ -99,7 +99,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist
         self.stop = stop
-        self.log = Log(dist.rank)
+        self.log = Log(dist.rank, cfg.logging.progress)
         self.out = Path(cfg.run.output_dir)
         self.device = dist.device
         self.precision = resolve_precision(cfg, self.device)
@@ -414,16 +414,20 @@ class Trainer:
         self.p.global_step += 1
         self.p.window_steps_done += 1
         cfg = self.cfg
+        if self.log.bar_mode and loss is not None:
+            self.log.progress(self.p.global_step, self.total_steps,
+                              f"stage {self.p.stage} epoch {self.p.epoch}", loss=f"{loss:.4f}")
         if self.p.global_step % cfg.logging.interval_steps == 0 and self.dist.is_main:
             now = time.perf_counter()
             ips = self._samples_since / max(now - self._t_last, 1e-9)
             self._t_last, self._samples_since = now, 0
             lr = _base_optimizer(self.engine).param_groups[0]["lr"]
             eta = (self.total_steps - self.p.global_step) * self.global_batch / max(ips, 1e-9)
-            self.log.info(f"[{STAGE_NAMES[self.p.stage]}] epoch {self.p.epoch} step "
-                          f"{self.p.global_step}/{self.total_steps} loss "
-                          f"{loss if loss is not None else float('nan'):.4f} lr {lr:.2e} "
-                          f"{ips:.1f} img/s ETA {eta / 60:.1f} min")
+            if not self.log.bar_mode:
+                self.log.info(f"[{STAGE_NAMES[self.p.stage]}] epoch {self.p.epoch} step "
+                              f"{self.p.global_step}/{self.total_steps} loss "
+                              f"{loss if loss is not None else float('nan'):.4f} lr {lr:.2e} "
+                              f"{ips:.1f} img/s ETA {eta / 60:.1f} min")
             self.metrics.write("step", step=self.p.global_step, epoch=self.p.epoch,
                                stage=self.p.stage, loss=loss, lr=lr, images_per_s=ips)
             self.metrics.scalars(self.p.global_step, {
@@ -501,6 +505,7 @@ class Trainer:
 
     def close(self) -> None:
         """Release the engine and files; safe to call twice."""
+        self.log.close()
         self.metrics.close()
         if getattr(self, "engine", None) is not None:
             destroy_engine(self.engine)
