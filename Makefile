@@ -12,6 +12,10 @@ NP ?= 2
 RUN_DIR ?= runs/quickstart
 PYTEST_ARGS ?=
 export DS_ACCELERATOR ?= cpu
+# DeepSpeed JIT-builds a shared-memory comm op on the CPU; its cache is keyed
+# by the source paths, so two environments sharing ~/.cache/torch_extensions
+# rebuild it over each other. One cache per environment, built once at install.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: venv quickstart test clean
 
@@ -23,6 +27,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8
 	$(PY) -m pip install -q -e '.[local,test]'
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
 	touch $@
 
 venv: $(VENV)/.installed
