@@ -1,0 +1,338 @@
+#!/usr/bin/env bash
+# Weak and strong scaling of stage 1 (full) and stage 3 (LoRA only) with
+# prelora-bench: one JSON row per (scaling, stage, rank count) for
+# `prelora-report scaling DIR`.
+#
+# Usage:
+#   scripts/scaling.sh --local [options] [-- prelora-bench args...]
+#   scripts/scaling.sh --submit pbs|slurm [options] [-- prelora-bench args...]
+#   scripts/scaling.sh --in-job [options] [-- prelora-bench args...]
+#
+#   --local               run here, one `mpiexec -n N prelora-bench ...` per
+#                         rank count N = 1, 2, 4, ... up to --max-ranks
+#   --submit pbs|slurm    write one job per node count (--nodes) into
+#                         OUT/jobs/ and submit it with qsub or sbatch; each
+#                         job calls this script with --in-job
+#   --in-job              inside a PBS or Slurm allocation: every rank of it
+#                         (nodes x --ppn), launched as scripts/launch.sh would
+#
+# Options:
+#   --preset P            prelora-bench preset (default: cpu-small with
+#                         --local, vit-large otherwise)
+#   --out DIR             rows, full results and logs (default runs/scaling)
+#   --max-ranks N         --local: the largest rank count (default 2)
+#   --nodes "1 2 4 ..."   --submit: node counts (default 1 2 4 ... 512)
+#   --ppn N               ranks per node under a scheduler (default 4)
+#   --depth D             PBS: CPUs per rank for mpiexec --depth (default 8);
+#                         Slurm: srun -c (default: the job's)
+#   --per-gpu-batch B     weak scaling: images per rank per step (default:
+#                         the preset's micro batch: toy 4, cpu-small 8,
+#                         vit-large 16)
+#   --global-batch G      strong scaling: images per step over all ranks
+#                         (default: B x the smallest rank count of the
+#                         series); counts that do not divide G are skipped
+#   --scalings "weak strong"   which series (default both)
+#   --stages "1 3"        which stages (default both; one bench process runs
+#                         both, stage 3 first)
+#   --steps N, --warmup N passed to prelora-bench
+#   --account A, --queue Q, --walltime T   --submit: the job's account,
+#                         queue (PBS default by size: debug up to 2 nodes,
+#                         debug-scaling up to 10, prod above; Slurm: none)
+#                         and walltime (default 00:30:00)
+#   --setup CMDS          --submit: shell lines run in the job before the
+#                         bench (PBS default: Polaris' conda module)
+#   --venv DIR            --submit: a venv the job activates after --setup
+#   --dry-run             --submit: write the jobs and print the submit
+#                         commands without submitting; --in-job/--local:
+#                         print the launch lines only
+#   -h, --help            show this help
+#
+# Rows: OUT/<scaling>-<stage>-n<ranks>.json, each one JSON object with
+# exactly the keys stage, scaling, nodes, gpus, global_batch, images_per_s,
+# images_per_s_per_gpu, step_time_s, allreduce_bytes_per_step,
+# peak_memory_bytes, device. Full results: OUT/bench-<scaling>-n<ranks>.json.
+#
+# scripts/launch.sh starts prelora-train only (it adds --config CONFIG), so
+# the launch line for prelora-bench is built here, the same way: PBS:
+# mpiexec --ppn --depth --cpu-bind depth --envall --hostfile $PBS_NODEFILE
+# scripts/gpu_affinity.sh ...; Slurm: srun --mpi=pmi2 ... --gpus-per-task=1
+# --gpu-bind=none ...; the rendezvous address is rank 0's high-speed-network
+# name as in launch.sh (PRELORA_HSN_SUFFIX, PRELORA_MASTER_ADDR).
+#
+# Environment: PRELORA_MPIEXEC (the mpiexec to use; default the one beside
+# prelora-bench, else the first on PATH), PRELORA_BENCH (the prelora-bench
+# to run; default the one on PATH), PRELORA_SRUN_MPI (srun's --mpi plugin,
+# default pmi2).
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
+die() { echo "scaling.sh: $*" >&2; exit 2; }
+note() { echo "scaling.sh: $*" >&2; }
+quoted() { printf '%q' "$1"; shift; [ $# -eq 0 ] || printf ' %q' "$@"; echo; }
+is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(dirname "$here")
+
+mode="" scheduler="" preset="" out=runs/scaling max_ranks=2
+nodes_list="1 2 4 8 16 32 64 128 256 512" ppn="" depth="" per_gpu_batch="" global_batch=""
+scalings="weak strong" stages="1 3" steps="" warmup="" account="" queue=""
+walltime=00:30:00 setup="__default__" venv="" dry_run=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --local) mode=local ;;
+        --submit) mode=submit; scheduler=${2:?--submit needs pbs or slurm}; shift ;;
+        --in-job) mode=in-job ;;
+        --preset) preset=${2:?--preset needs a value}; shift ;;
+        --out) out=${2:?--out needs a value}; shift ;;
+        --max-ranks) max_ranks=${2:?--max-ranks needs a value}; shift ;;
+        --nodes) nodes_list=${2:?--nodes needs a value}; shift ;;
+        --ppn) ppn=${2:?--ppn needs a value}; shift ;;
+        --depth) depth=${2:?--depth needs a value}; shift ;;
+        --per-gpu-batch) per_gpu_batch=${2:?--per-gpu-batch needs a value}; shift ;;
+        --global-batch) global_batch=${2:?--global-batch needs a value}; shift ;;
+        --scalings) scalings=${2:?--scalings needs a value}; shift ;;
+        --stages) stages=${2:?--stages needs a value}; shift ;;
+        --steps) steps=${2:?--steps needs a value}; shift ;;
+        --warmup) warmup=${2:?--warmup needs a value}; shift ;;
+        --account) account=${2:?--account needs a value}; shift ;;
+        --queue) queue=${2:?--queue needs a value}; shift ;;
+        --walltime) walltime=${2:?--walltime needs a value}; shift ;;
+        --setup) setup=${2?--setup needs a value}; shift ;;
+        --venv) venv=${2:?--venv needs a value}; shift ;;
+        --dry-run) dry_run=1 ;;
+        -h|--help) usage; exit 0 ;;
+        --) shift; break ;;
+        *) die "unknown argument $1 (see --help)" ;;
+    esac
+    shift
+done
+extra=("$@")
+
+[ -n "$mode" ] || die "give one of --local, --submit pbs|slurm, --in-job (see --help)"
+case "$scheduler" in ""|pbs|slurm) ;; *) die "--submit takes pbs or slurm, got '$scheduler'" ;; esac
+for pair in "max-ranks:$max_ranks" "ppn:$ppn" "depth:$depth" "per-gpu-batch:$per_gpu_batch" \
+            "global-batch:$global_batch" "steps:$steps" "warmup:$warmup"; do
+    v=${pair#*:}
+    [ -z "$v" ] || { is_uint "$v" && [ "$v" -gt 0 ]; } || die "--${pair%%:*} must be a whole number > 0, got '$v'"
+done
+for n in $nodes_list; do
+    is_uint "$n" && [ "$n" -gt 0 ] || die "--nodes must list whole numbers > 0, got '$n'"
+done
+for s in $scalings; do
+    case "$s" in weak|strong) ;; *) die "--scalings takes weak and/or strong, got '$s'" ;; esac
+done
+for s in $stages; do
+    case "$s" in 1|3) ;; *) die "--stages takes 1 and/or 3, got '$s'" ;; esac
+done
+[ -n "$scalings" ] && [ -n "$stages" ] || die "--scalings and --stages must not be empty"
+
+if [ -z "$preset" ]; then
+    if [ "$mode" = local ]; then preset=cpu-small; else preset=vit-large; fi
+fi
+if [ -z "$per_gpu_batch" ]; then
+    # The presets' micro batches (prelora_hpc/bench.py PRESETS).
+    case "$preset" in
+        toy) per_gpu_batch=4 ;;
+        cpu-small) per_gpu_batch=8 ;;
+        vit-large) per_gpu_batch=16 ;;
+        *) die "--per-gpu-batch is needed for preset '$preset'" ;;
+    esac
+fi
+ppn=${ppn:-4}
+stage_csv=$(echo $stages | tr ' ' ',')
+
+# Strong scaling keeps the global batch of the smallest run of the series.
+smallest_ranks() {
+    case "$mode" in
+        local) echo 1 ;;
+        submit) echo $(( $(printf '%s\n' $nodes_list | sort -n | head -n 1) * ppn )) ;;
+        in-job) echo "$1" ;;
+    esac
+}
+
+bench=${PRELORA_BENCH:-$(command -v prelora-bench || true)}
+if [ -z "$bench" ]; then
+    [ "$dry_run" = 1 ] || [ "$mode" = submit ] \
+        || die "prelora-bench is not on PATH: activate the environment it is installed in"
+    bench=prelora-bench
+fi
+mpiexec=${PRELORA_MPIEXEC:-}
+if [ -z "$mpiexec" ]; then
+    if [ "$bench" != prelora-bench ] && [ -x "$(dirname "$bench")/mpiexec" ]; then
+        mpiexec=$(dirname "$bench")/mpiexec
+    else
+        mpiexec=$(command -v mpiexec || echo mpiexec)
+    fi
+fi
+
+# prelora-bench's arguments for one (scaling, ranks) run.
+bench_args() {
+    local scaling=$1 ranks=$2 gb=$3
+    local a=(--preset "$preset" --stages "$stage_csv" --scaling-row "$scaling"
+             --json-row-dir "$out" --json "$out/bench-$scaling-n$ranks.json")
+    if [ "$scaling" = weak ]; then a+=(--micro-batch "$per_gpu_batch"); else a+=(--global-batch "$gb"); fi
+    [ -z "$steps" ] || a+=(--steps "$steps")
+    [ -z "$warmup" ] || a+=(--warmup "$warmup")
+    printf '%s\n' "${a[@]}" "${extra[@]}"
+}
+
+failures=0
+
+# Run (or print) one launch line; check its rows appeared.
+run_one() {
+    local scaling=$1 ranks=$2; shift 2
+    local log="$out/logs/$scaling-n$ranks.log"
+    if [ "$dry_run" = 1 ]; then quoted "$@"; return 0; fi
+    note "$scaling scaling, $ranks rank(s): $(quoted "$@")"
+    local rc=0
+    "$@" >"$log" 2>&1 || rc=$?
+    if [ "$rc" != 0 ]; then
+        note "failed (exit $rc), last lines of $log:"; tail -n 20 "$log" >&2
+        failures=$((failures + 1)); return 0
+    fi
+    for s in $stages; do
+        [ -f "$out/$scaling-$s-n$ranks.json" ] || { note "missing row $out/$scaling-$s-n$ranks.json"; failures=$((failures + 1)); }
+    done
+}
+
+# The series for a given rank count: every scaling asked, skipping strong
+# scaling where the global batch does not split evenly.
+run_series() {
+    local ranks=$1; shift
+    local launcher=("$@")
+    for scaling in $scalings; do
+        local gb=$global_batch
+        if [ "$scaling" = strong ]; then
+            gb=${gb:-$(( per_gpu_batch * $(smallest_ranks "$ranks") ))}
+            if [ $(( gb % ranks )) -ne 0 ]; then
+                note "strong scaling: global batch $gb does not split over $ranks ranks; skipped"
+                continue
+            fi
+        fi
+        mapfile -t args < <(bench_args "$scaling" "$ranks" "${gb:-0}")
+        run_one "$scaling" "$ranks" "${launcher[@]}" "$bench" "${args[@]}"
+    done
+}
+
+mkdir -p "$out/logs"
+
+case "$mode" in
+local)
+    r=1
+    counts=()
+    while [ "$r" -le "$max_ranks" ]; do counts+=("$r"); r=$((r * 2)); done
+    [ "${counts[-1]}" = "$max_ranks" ] || counts+=("$max_ranks")
+    for n in "${counts[@]}"; do
+        run_series "$n" "$mpiexec" -n "$n"
+    done
+    ;;
+in-job)
+    if [ -n "${PBS_NODEFILE:-}" ]; then
+        [ -r "$PBS_NODEFILE" ] || die "PBS_NODEFILE=$PBS_NODEFILE is not readable"
+        mapfile -t hosts < <(awk 'NF && !seen[$1]++ {print $1}' "$PBS_NODEFILE")
+        nnodes=${#hosts[@]}
+        ranks=$((nnodes * ppn))
+        if [ -z "${PRELORA_MASTER_ADDR:-}" ]; then
+            suffix=${PRELORA_HSN_SUFFIX-.hsn.cm.polaris.alcf.anl.gov}
+            export PRELORA_MASTER_ADDR="${hosts[0]%%.*}$suffix"
+            [ -n "$suffix" ] || export PRELORA_MASTER_ADDR="${hosts[0]}"
+        fi
+        launcher=("$mpiexec" -n "$ranks" --ppn "$ppn" "--depth=${depth:-8}" --cpu-bind depth
+                  --envall --hostfile "$PBS_NODEFILE" "$here/gpu_affinity.sh")
+    elif [ -n "${SLURM_JOB_ID:-}" ]; then
+        nnodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+        ranks=$((nnodes * ppn))
+        if [ -z "${PRELORA_MASTER_ADDR:-}" ] && command -v scontrol >/dev/null 2>&1 \
+                && [ -n "${SLURM_JOB_NODELIST:-}" ]; then
+            first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+            export PRELORA_MASTER_ADDR="${first%%.*}${PRELORA_HSN_SUFFIX:-}"
+        fi
+        srun=$(command -v srun || echo srun)
+        launcher=("$srun")
+        mpi=${PRELORA_SRUN_MPI-pmi2}
+        [ -z "$mpi" ] || launcher+=("--mpi=$mpi")
+        launcher+=(-n "$ranks" --ntasks-per-node "$ppn" --cpu-bind=cores)
+        depth=${depth:-${SLURM_CPUS_PER_TASK:-}}
+        [ -z "$depth" ] || launcher+=(-c "$depth")
+        launcher+=(--gpus-per-task=1 --gpu-bind=none)
+    else
+        die "--in-job needs a PBS (PBS_NODEFILE) or Slurm (SLURM_JOB_ID) allocation"
+    fi
+    note "# nodes=$nnodes ranks_per_node=$ppn ranks=$ranks master_addr=${PRELORA_MASTER_ADDR:-auto}"
+    run_series "$ranks" "${launcher[@]}"
+    ;;
+submit)
+    mkdir -p "$out/jobs"
+    min_nodes=$(printf '%s\n' $nodes_list | sort -n | head -n 1)
+    gb=${global_batch:-$(( per_gpu_batch * min_nodes * ppn ))}
+    if [ "$setup" = __default__ ]; then
+        if [ "$scheduler" = pbs ]; then
+            setup="module use /soft/modulefiles; module load conda; conda activate base"
+        else
+            setup=""
+        fi
+    fi
+    for n in $nodes_list; do
+        job="$out/jobs/scaling-n$n.$([ "$scheduler" = pbs ] && echo pbs || echo sbatch)"
+        inner=(scripts/scaling.sh --in-job --preset "$preset" --out "$out" --ppn "$ppn"
+               --per-gpu-batch "$per_gpu_batch" --global-batch "$gb"
+               --scalings "$scalings" --stages "$stages")
+        [ -z "$depth" ] || inner+=(--depth "$depth")
+        [ -z "$steps" ] || inner+=(--steps "$steps")
+        [ -z "$warmup" ] || inner+=(--warmup "$warmup")
+        [ ${#extra[@]} -eq 0 ] || inner+=(-- "${extra[@]}")
+        {
+            if [ "$scheduler" = pbs ]; then
+                q=$queue
+                if [ -z "$q" ]; then
+                    if [ "$n" -le 2 ]; then q=debug; elif [ "$n" -le 10 ]; then q=debug-scaling; else q=prod; fi
+                fi
+                echo "#!/bin/bash -l"
+                echo "# prelora-bench scaling rows on $n node(s); written by scripts/scaling.sh"
+                echo "#PBS -A ${account:-YOUR_PROJECT}"
+                echo "#PBS -q $q"
+                echo "#PBS -l select=$n:system=polaris"
+                echo "#PBS -l place=scatter"
+                echo "#PBS -l walltime=$walltime"
+                echo "#PBS -l filesystems=home:eagle"
+                echo "#PBS -j oe"
+                echo "#PBS -N prelora-scaling-n$n"
+                echo 'cd "${PRELORA_ROOT:-${PBS_O_WORKDIR:-$PWD}}" || exit 1'
+            else
+                echo "#!/bin/bash"
+                echo "# prelora-bench scaling rows on $n node(s); written by scripts/scaling.sh"
+                [ -z "$account" ] || echo "#SBATCH -A $account"
+                [ -z "$queue" ] || echo "#SBATCH -q $queue"
+                echo "#SBATCH -C gpu"
+                echo "#SBATCH --nodes=$n"
+                echo "#SBATCH --ntasks-per-node=$ppn"
+                echo "#SBATCH --gpus-per-node=$ppn"
+                echo "#SBATCH --cpus-per-task=${depth:-32}"
+                echo "#SBATCH -t $walltime"
+                echo "#SBATCH -J prelora-scaling-n$n"
+                echo "#SBATCH -o $out/logs/slurm-n$n-%j.out"
+                echo 'cd "${PRELORA_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}" || exit 1'
+            fi
+            [ -z "$setup" ] || echo "$setup"
+            [ -z "$venv" ] || echo "source $(printf '%q' "$venv")/bin/activate || exit 1"
+            quoted "${inner[@]}"
+        } >"$job"
+        if [ "$scheduler" = pbs ]; then submit=(qsub "$job"); else submit=(sbatch "$job"); fi
+        if [ "$dry_run" = 1 ]; then
+            echo "# $job"
+            quoted "${submit[@]}"
+        else
+            note "$(quoted "${submit[@]}")"
+            "${submit[@]}"
+        fi
+    done
+    exit 0
+    ;;
+esac
+
+if [ "$failures" -gt 0 ]; then
+    note "$failures run(s) failed or left rows missing; see $out/logs/"
+    exit 1
+fi
+[ "$dry_run" = 1 ] || note "rows in $out/ (prelora-report scaling $out)"

@@ -1,0 +1,210 @@
+"""prelora-bench at a toy size: the JSON's structure, and the stage-3
+trainable count and gradient bytes checked against the rank map's own
+arithmetic (sum over adapted layers of r x (in + out), plus the kept norms,
+pos_embed, cls_token and head, times 4 bytes in fp32). No timing is
+asserted: timings are figures for docs/benchmarks.md, not properties.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mpi_util import ROOT, env, run_mpi
+from prelora_hpc import bench
+from prelora_hpc.config import load_config
+from prelora_hpc.model import build_model
+
+TOY = bench.PRESETS["toy"].overrides + bench._BENCH_FIXED
+RATIO_KEYS = ("step_time_ratio", "grad_bytes_ratio", "peak_memory_ratio", "trainable_fraction")
+STAGE_KEYS = ("step_time_s", "compute_time_s", "images_per_s", "trainable_params", "total_params",
+              "optimizer_state_bytes", "grad_bytes", "allreduce_bytes_per_step",
+              "allreduce_calls_per_step", "peak_memory_bytes", "step_times_s")
+
+
+def toy_model() -> nn.Module:
+    return build_model(load_config(None, TOY).model)
+
+
+def expected_stage3(rank_map: dict[str, int]) -> int:
+    """Adapters r x (in + out) per adapted layer, plus what stage 3 keeps by
+    default: every LayerNorm, pos_embed, cls_token and the head."""
+    model = toy_model()
+    adapters = sum(r * (model.get_submodule(n).in_features + model.get_submodule(n).out_features)
+                   for n, r in rank_map.items())
+    norms = sum(p.numel() for m in model.modules() if isinstance(m, nn.LayerNorm)
+                for p in m.parameters())
+    kept = norms + model.pos_embed.numel() + model.cls_token.numel() + \
+        sum(p.numel() for p in model.head.parameters())
+    return adapters + kept
+
+
+def run_bench(tmp_path, *args: str) -> dict:
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "prelora_hpc.bench", "--preset", "toy", "--json", str(out), *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def check_stage3_arithmetic(r: dict, rank_map: dict[str, int]) -> None:
+    s1, s3 = r["stage1"], r["stage3"]
+    n1 = sum(p.numel() for p in toy_model().parameters())
+    n3 = expected_stage3(rank_map)
+    assert s1["trainable_params"] == n1
+    assert s3["trainable_params"] == n3
+    # fp32 on the CPU: 4 bytes per trainable scalar, frozen ones move nothing.
+    assert s1["grad_bytes"] == 4 * n1
+    assert s3["grad_bytes"] == 4 * n3
+    # What DeepSpeed's comms logger saw: the gradients plus at most a few
+    # scalars DeepSpeed's step reduces.
+    for s in (s1, s3):
+        assert 0 <= s["allreduce_bytes_per_step"] - s["grad_bytes"] <= 64
+    # AdamW: two fp32 moments per trainable scalar (plus scalar step counters).
+    assert 8 * n3 <= s3["optimizer_state_bytes"] <= 8 * n3 + 8 * 64
+    assert r["trainable_fraction"] == pytest.approx(n3 / n1, rel=0, abs=1e-12)
+    assert r["grad_bytes_ratio"] == pytest.approx(n3 / n1, rel=0, abs=1e-12)
+
+
+def test_one_process_json(tmp_path):
+    r = run_bench(tmp_path, "--steps", "2", "--warmup", "1")
+    for k in RATIO_KEYS:
+        assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, k
+    for s in ("stage1", "stage3"):
+        for k in STAGE_KEYS:
+            assert k in r[s], (s, k)
+        assert len(r[s]["step_times_s"]) == 2
+    assert r["world_size"] == 1 and r["nodes"] == 1 and r["global_batch"] == 4
+    # The default map: Algorithm 2 over every tracked layer of the 2 blocks.
+    ranks = r["rank_map"]["ranks"]
+    assert len(ranks) == 8 and set(ranks.values()) <= {2, 4, 8}
+    assert ranks == bench.representative_rank_map(2, ["attn.qkv", "attn.proj", "mlp.fc1",
+                                                      "mlp.fc2"], 2, 8, seed=0)
+    check_stage3_arithmetic(r, ranks)
+    checks = r["stage3"]["checks"]
+    for name in ("frozen_without_grad", "engine_trains_exactly_trainable",
+                 "no_dense_weight_products", "lora_dropout_identity", "low_precision_masters"):
+        assert checks[name]["ok"] is True, (name, checks[name])
+    # The detector does see weight gradients when they exist (stage 1).
+    assert r["stage1"]["checks"]["dense_weight_products"] > 0
+    bk = r["stage1"]["bookkeeping"]
+    assert bk["window_steps"] == 50 and bk["per_window_s"] > 0
+    proj = r["projection"]
+    for s in ("stage1", "stage3"):
+        rows = proj[s]
+        assert [row["nodes"] for row in rows] == bench.PROJECTION_NODES
+        assert [row["gpus"] for row in rows] == [4 * n for n in bench.PROJECTION_NODES]
+        assert rows[0]["efficiency"] == pytest.approx(1.0)
+    assert r["network"]["bandwidth_source"] == "assumed"
+    assert "projection_check" not in r  # one rank: nothing to compare
+
+
+def test_rank_map_file_and_single_stage(tmp_path):
+    model = toy_model()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "blocks" in n]
+    rank_map = {n: (8 if i == 0 else 1) for i, n in enumerate(names)}
+    f = tmp_path / "rank_map.json"
+    f.write_text(json.dumps(rank_map))
+    r = run_bench(tmp_path, "--steps", "1", "--warmup", "1", "--stages", "3",
+                  "--rank-map", str(f), "--no-checks")
+    assert "stage1" not in r and all(r[k] is None for k in RATIO_KEYS)
+    assert r["stage3"]["trainable_params"] == expected_stage3(rank_map)
+    assert r["stage3"]["grad_bytes"] == 4 * expected_stage3(rank_map)
+    assert r["rank_map"]["source"] == str(f)
+
+
+@pytest.mark.mpi
+def test_two_ranks_json_and_scaling_row(tmp_path):
+    out = tmp_path / "bench.json"
+    rows = tmp_path / "rows"
+    run_mpi([sys.executable, "-m", "prelora_hpc.bench", "--preset", "toy", "--steps", "2",
+             "--warmup", "1", "--json", str(out), "--scaling-row", "weak",
+             "--json-row-dir", str(rows)], np=2, timeout=600)
+    r = json.loads(out.read_text())
+    assert r["world_size"] == 2 and r["global_batch"] == 8
+    check_stage3_arithmetic(r, r["rank_map"]["ranks"])
+    # On more than one rank the bandwidth is measured and the additive model
+    # is compared with the measured step.
+    assert r["network"]["bandwidth_source"] == "measured"
+    for s in ("stage1", "stage3"):
+        c = r["projection_check"][s]
+        assert c["projected_step_s"] == pytest.approx(c["compute_s"] + c["projected_comm_s"])
+        assert r[s]["compute_time_s"] is not None
+    for stage in (1, 3):
+        row = json.loads((rows / f"weak-{stage}-n2.json").read_text())
+        assert tuple(row) == bench.ROW_KEYS
+        assert row["stage"] == stage and row["gpus"] == 2 and row["nodes"] == 1
+        assert row["global_batch"] == 8
+        assert row["allreduce_bytes_per_step"] == r[f"stage{stage}"]["allreduce_bytes_per_step"]
+        assert row["images_per_s"] == pytest.approx(8 / row["step_time_s"])
+        assert row["images_per_s_per_gpu"] == pytest.approx(row["images_per_s"] / 2)
+
+
+def test_representative_rank_map_is_algorithm_2():
+    mods = ["attn.qkv", "mlp.fc1"]
+    a = bench.representative_rank_map(24, mods, 8, 64, seed=3)
+    assert a == bench.representative_rank_map(24, mods, 8, 64, seed=3)
+    assert len(a) == 48 and set(a.values()) <= {8, 16, 32, 64}
+    for m in mods:
+        layer_ranks = [a[f"blocks.{l}.{m}"] for l in range(24)]
+        # min-max normalization: the most settled layer gets r_min, the most
+        # changing one r_max.
+        assert min(layer_ranks) == 8 and max(layer_ranks) == 64
+
+
+def test_ring_model_arithmetic():
+    assert bench.ring_allreduce_traffic(1000, 1) == 0
+    assert bench.ring_allreduce_traffic(1000, 2) == 1000
+    assert bench.ring_allreduce_traffic(1000, 4) == 1500
+    # 1 GB over 8 ranks at 200 Gb/s: 2 * 7/8 * 8e9 bits / 2e11 b/s = 0.07 s;
+    # plus 2 calls x 2 log2(8) hops x 10 us.
+    t = bench.allreduce_time(1e9, 8, 200.0, 10e-6, calls=2)
+    assert t == pytest.approx(0.07 + 2 * 6 * 10e-6)
+    stage = {"compute_time_s": 0.1, "allreduce_bytes_per_step": 1e9, "allreduce_calls_per_step": 1}
+    rows = bench.project(stage, 16, 200.0, 0.0, gpus_per_node=4, nodes=[1, 2, 512])
+    assert rows[0]["efficiency"] == 1.0
+    assert rows[0]["images_per_s"] == pytest.approx(4 * 16 / (0.1 + 2 * 3 / 4 * 8e9 / 2e11))
+    assert rows[1]["efficiency"] < 1.0 and rows[2]["efficiency"] < rows[1]["efficiency"]
+
+
+def test_count_only_matches_arithmetic_and_reference_is_under_ten_percent():
+    cfg = load_config(None, TOY)
+    rm = bench.representative_rank_map(2, cfg.lora.target_modules, 2, 8)
+    c = bench.count_only(cfg, rm)
+    assert c["stage1_trainable"] == sum(p.numel() for p in toy_model().parameters())
+    assert c["rank_map"]["stage3_trainable"] == expected_stage3(rm)
+    assert c["all_r_max"]["stage3_trainable"] == expected_stage3({k: 8 for k in rm})
+    # The reference model (ViT-L/16, 224 px, 1000 classes) at ranks 8..64:
+    # even with every layer at r_max stage 3 trains under 10% of stage 1.
+    ref = load_config(None, bench.PRESETS["vit-large"].overrides)
+    rm = bench.representative_rank_map(24, ref.lora.target_modules, 8, 64)
+    c = bench.count_only(ref, rm)
+    assert c["stage1_trainable"] > 300_000_000
+    assert c["rank_map"]["trainable_fraction"] < c["all_r_max"]["trainable_fraction"] < 0.10
+
+
+def test_rank_map_file_errors(tmp_path):
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps({"blocks.0.attn.qkv": 0}))
+    with pytest.raises(ValueError, match="positive int"):
+        bench.load_rank_map(f)
+    f.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="non-empty object"):
+        bench.load_rank_map(f)
+
+
+def test_cli_usage_errors():
+    assert bench.main(["--scaling-row", "weak"]) == 2
+    assert bench.main(["--preset", "toy", "--stages", "2"]) == 2
+
+
+def test_cli_count_only(capsys):
+    assert bench.main(["--preset", "toy", "--count-only"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable" in out and "every layer at r_max" in out
