@@ -37,7 +37,7 @@ from .engine import (build_engine, destroy_engine, extract_state, global_batch, 
                      restore_state, resolve_precision, _base_optimizer)
 from .launch import EXIT_RESUBMIT, DistInfo, StopSignal
 from .lora import freeze_base, inject_lora, lora_modules, unfreeze_all
-from .metrics import Log, MetricsWriter, peak_memory_bytes
+from .metrics import Log, MetricsWriter, peak_memory_bytes, reset_peak_memory
 from .model import build_model, count_parameters
 
 STAGE_NAMES = {1: "stage 1 (full)", 2: "stage 2 (full + LoRA)", 3: "stage 3 (LoRA only)"}
@@ -194,6 +194,7 @@ class Trainer:
         self.engine = None
         self.p.stage = new_stage
         self._shape_model_for_stage()
+        reset_peak_memory(self.device)
         self.engine = build_engine(self.model, self.cfg, self.dist)
         restored = restore_state(self.engine, self.model, carried) if carried else 0
         after = self.trainable_count()
