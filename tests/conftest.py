@@ -1,0 +1,87 @@
+"""Shared fixtures.
+
+Slurm: ``slurm_cluster`` starts a real single-node Slurm on this machine
+(tests/slurm/cluster.sh) once per session and stops it at the end, unless it
+was already up before the session (then it is someone's cluster and stays).
+Where Slurm cannot run here (not root, no apt, packages not installable, or
+PRELORA_SLURM=0) every test using it is skipped with the reason. The jobs the
+tests saw are listed in a "Slurm jobs" section of the terminal summary, so
+their ids and states show in a plain ``pytest -ra`` run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+CLUSTER_SH = Path(__file__).resolve().parent / "slurm" / "cluster.sh"
+#: cluster.sh's exit status for "cannot run on this machine".
+CANNOT_RUN = 77
+
+# Variables of an enclosing job or launch that must not reach sbatch: a test
+# session started inside a real Slurm job would otherwise talk to that cluster.
+_FOREIGN = ("SLURM_", "PRELORA_", "PMI_", "PALS_", "OMPI_", "PBS_")
+
+_jobs_seen: list[str] = []
+
+
+@dataclass
+class SlurmCluster:
+    """The running cluster: where it lives and how to reach it."""
+
+    dir: Path
+    conf: Path
+    jobs: list[str] = field(default_factory=lambda: _jobs_seen)
+
+    def env(self, **extra) -> dict:
+        """This process' environment for the Slurm commands, pointed at the cluster."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN)}
+        env["SLURM_CONF"] = str(self.conf)
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        p = self.dir / "log" / name
+        if not p.exists():
+            return f"({p} missing)"
+        return f"--- {p}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
+
+    def seen(self, line: str) -> None:
+        """Record a job for the terminal summary."""
+        self.jobs.append(line)
+
+
+def _cluster(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(CLUSTER_SH), *args], env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    if os.environ.get("PRELORA_SLURM") == "0":
+        pytest.skip("Slurm tests disabled (PRELORA_SLURM=0)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_"))}
+    directory = Path(env.get("PRELORA_SLURM_DIR", "/tmp/prelora-slurm"))
+    was_up = _cluster("status", env=env).returncode == 0
+    r = _cluster("start", env=env)
+    if r.returncode == CANNOT_RUN:
+        reason = (r.stderr.strip().splitlines() or ["cluster.sh: cannot run here"])[-1]
+        pytest.skip(reason)
+    if r.returncode != 0:
+        pytest.fail(f"tests/slurm/cluster.sh start failed (exit {r.returncode}):\n"
+                    f"{r.stdout}{r.stderr}", pytrace=False)
+    yield SlurmCluster(directory, directory / "slurm.conf")
+    if not was_up:
+        r = _cluster("stop", env=env)
+        assert r.returncode == 0, f"tests/slurm/cluster.sh stop failed:\n{r.stdout}{r.stderr}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _jobs_seen:
+        terminalreporter.write_sep("-", "Slurm jobs")
+        for line in _jobs_seen:
+            terminalreporter.write_line(line)
