@@ -1,0 +1,304 @@
+"""Train ``full``, ``prelora`` and ``lora`` with the same seed, data, schedule
+and budget, then put their results in one table.
+
+    prelora-compare --out runs/compare --seeds 0,1,2 run.epochs=30 model.img_size=16
+    scripts/compare.sh                       # the settings of docs/results.md
+
+For every seed and mode it runs
+
+    mpiexec -n NP prelora-train --config CONFIG --output-dir OUT/seed<S>/<mode> \\
+        OVERRIDES... run.mode=<mode> run.seed=<S>
+
+(modes interleaved within a seed, so a slow spell on a shared machine hits
+all three alike), then writes ``OUT/compare.md`` and ``OUT/compare.json``:
+final top-1/top-5 (mean and spread over seeds), wall time, median step
+time and trainable parameters per stage, the switch epoch and the rank-map
+histogram; and ``OUT/compare_top1.png`` (top-1 against epoch, every run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .report import ReportError, Run, load_run, plot_runs_top1, stage_stats
+from .replay import rank_histogram
+
+MODES = ("full", "prelora", "lora")
+RESERVED = ("run.mode", "run.seed", "run.output_dir")
+"""Overrides the comparison sets itself for every run."""
+
+
+class CompareError(RuntimeError):
+    """A training run failed or the output directory is in the way."""
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> [0, 1, 2]; a repeated or non-integer seed is an error."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be integers separated by commas, "
+                                         f"got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct and at least one, got {text!r}")
+    return seeds
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if not modes or bad or len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(f"modes must be distinct ones of {list(MODES)}, "
+                                         f"got {text!r}")
+    return modes
+
+
+def _exe(name: str) -> str:
+    # The console script beside this interpreter first: the venv's, even when
+    # its bin/ is not on PATH.
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        return load_run(run_dir).end is not None
+    except (ReportError, ValueError, KeyError, OSError):
+        return False
+
+
+def train_one(run_dir: Path, mode: str, seed: int, args, overrides: list[str]) -> float:
+    """Train one run to the end; returns the process wall time in seconds.
+
+    Output (rank 0's progress, every rank's errors) goes to
+    ``<run_dir>/train.log``.
+    """
+    if (run_dir / "metrics.jsonl").exists():
+        if args.reuse and _finished(run_dir):
+            print(f"[compare] {mode} seed {seed}: reusing the finished run in {run_dir}",
+                  flush=True)
+            return float("nan")
+        if not (args.overwrite or args.reuse):
+            raise CompareError(f"{run_dir} already holds a run; pass --reuse to keep finished "
+                               f"runs or --overwrite to train again")
+        # A half-written run (or --overwrite): metrics.jsonl appends, so a
+        # fresh run needs a clean directory.
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    cmd = [args.mpiexec, "-n", str(args.np), _exe("prelora-train"), "--config", str(args.config),
+           "--output-dir", str(run_dir), *overrides, f"run.mode={mode}", f"run.seed={seed}"]
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    # One thread per rank: NP ranks already fill the cores of a small machine,
+    # and oversubscribed threads make the wall times noise.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    print(f"[compare] {mode} seed {seed}: {shlex.join(cmd)}", flush=True)
+    log = run_dir / "train.log"
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        try:
+            p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                               timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            raise CompareError(f"{mode} seed {seed}: no result within {args.timeout} s; "
+                               f"see {log}") from None
+    took = time.perf_counter() - t0
+    if p.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+        raise CompareError(f"{mode} seed {seed}: prelora-train exited {p.returncode}; "
+                           f"see {log}\n{tail}")
+    print(f"[compare] {mode} seed {seed}: done in {took:.1f} s", flush=True)
+    return took
+
+
+def _mean(values: list[float]) -> Optional[float]:
+    return statistics.fmean(values) if values else None
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "per_seed": values}
+
+
+def summarize(runs: dict[str, list[Run]], seeds: list[int],
+              process_s: Optional[dict[str, list[float]]] = None) -> dict[str, dict]:
+    """One entry per mode: ``top1``/``top5`` (mean of the final evaluation,
+    percent), ``wall_s`` (mean training wall time), their spreads over
+    seeds, per-stage step time and trainable parameters, the switch and the
+    rank-map histogram summed over seeds.
+
+    ``runs[mode][i]`` is the run of ``seeds[i]``; ``process_s`` the process
+    wall times (NaN for a reused run), if measured.
+    """
+    out = {}
+    for mode, rs in runs.items():
+        finals = [r.final_eval for r in rs]
+        if any(ev is None for ev in finals) or any(r.end is None for r in rs):
+            raise CompareError(f"{mode}: a run has no final evaluation or did not finish")
+        top1 = _spread([ev["top1"] for ev in finals])
+        top5 = _spread([ev["top5"] for ev in finals])
+        wall = _spread([r.wall_s for r in rs])
+        per_stage: dict[int, dict[str, list]] = {}
+        for r in rs:
+            for stage, st in stage_stats(r).items():
+                slot = per_stage.setdefault(stage, {"step_time_s": [], "images_per_s": [],
+                                                    "trainable_params": [], "steps": []})
+                if st["step_time_s_median"] is not None:
+                    slot["step_time_s"].append(st["step_time_s_median"])
+                    slot["images_per_s"].append(st["images_per_s_median"])
+                slot["trainable_params"].append(st["trainable_params"])
+                slot["steps"].append(st["steps"])
+        stages = {str(s): {"step_time_s": _mean(v["step_time_s"]),
+                           "images_per_s": _mean(v["images_per_s"]),
+                           # Same model and stage: the same count for every seed.
+                           "trainable_params": v["trainable_params"][0],
+                           "steps": _mean(v["steps"])}
+                  for s, v in sorted(per_stage.items())}
+        switches = [r.first_switch for r in rs]
+        switch_epochs = [r.epoch_of(sw["step"]) for r, sw in zip(rs, switches) if sw]
+        hist: dict[int, int] = {}
+        for r in rs:
+            for rank, n in rank_histogram(r.rank_map).items():
+                hist[rank] = hist.get(rank, 0) + n
+        procs = [x for x in (process_s or {}).get(mode, []) if not math.isnan(x)]
+        out[mode] = {
+            "top1": top1["mean"], "top1_std": top1["std"], "top1_min": top1["min"],
+            "top1_max": top1["max"], "top1_per_seed": top1["per_seed"],
+            "top5": top5["mean"], "top5_std": top5["std"], "top5_per_seed": top5["per_seed"],
+            "wall_s": wall["mean"], "wall_s_std": wall["std"], "wall_s_per_seed": wall["per_seed"],
+            "process_s": _mean(procs),
+            "seeds": list(seeds),
+            "epochs": rs[0].epoch_of(rs[0].last_step),
+            "params_total": rs[0].start["params_total"],
+            "stages": stages,
+            "switch_epoch": statistics.fmean(switch_epochs) if switch_epochs else None,
+            "switch_epoch_per_seed": [None if sw is None else r.epoch_of(sw["step"])
+                                      for r, sw in zip(rs, switches)],
+            "switch_window_per_seed": [r.switch_window for r in rs],
+            "rank_histogram": {str(k): v for k, v in sorted(hist.items())},
+            "runs": [str(r.path) for r in rs],
+        }
+    return out
+
+
+def _pm(mean: float, std: float, n: int, spec: str = ".2f") -> str:
+    return f"{mean:{spec}}" + (f" ± {std:{spec}}" if n > 1 else "")
+
+
+def compare_markdown(summary: dict[str, dict], command: str, plot: Optional[str]) -> str:
+    """``compare.md``: the table, what each column means, the command."""
+    stages = sorted({s for v in summary.values() for s in v["stages"]})
+    n = max(len(v["top1_per_seed"]) for v in summary.values())
+    head = (["mode", "top-1 (%)", "top-5 (%)", "wall time (s)"]
+            + [f"step time stage {s} (s)" for s in stages]
+            + [f"trainable params stage {s}" for s in stages]
+            + ["switch (epoch)", "rank map histogram (rank: layers)"])
+    lines = ["# full vs prelora vs lora", "",
+             "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 2) + "|---|"]
+    for mode, v in summary.items():
+        st = v["stages"]
+        cells = [mode, _pm(v["top1"], v["top1_std"], n), _pm(v["top5"], v["top5_std"], n),
+                 _pm(v["wall_s"], v["wall_s_std"], n, ".1f")]
+        cells += ["-" if st.get(s, {}).get("step_time_s") is None
+                  else f"{st[s]['step_time_s']:.3f}" for s in stages]
+        cells += ["-" if s not in st else f"{st[s]['trainable_params']:,}" for s in stages]
+        cells.append("-" if v["switch_epoch"] is None else ", ".join(
+            "-" if e is None else f"{e:.2f}" for e in v["switch_epoch_per_seed"]))
+        cells.append(", ".join(f"{k}: {c}" for k, c in v["rank_histogram"].items()) or "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = next(iter(summary.values()))["seeds"]
+    lines += ["",
+              f"Seeds {seeds}; top-1/top-5 at the final evaluation, mean ± sample standard "
+              "deviation over seeds. Wall time: the training loop (the `end` record's "
+              "`wall_s`, without process start-up). Step time: median over the logging "
+              "intervals of the stage (an interval holding an evaluation or an engine rebuild "
+              "is slower), mean over seeds. Switch: the epoch at which each seed's run left "
+              "stage 1. Rank map histogram: layers per rank, summed over seeds.", "",
+              "Command:", "", "```", command, "```", ""]
+    if plot:
+        lines += [f"![top-1 against epoch]({plot})", ""]
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prelora-compare",
+        description="Train full, prelora and lora with identical settings and tabulate them.")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides applied to every run")
+    p.add_argument("--config", type=Path, default=Path("configs/quickstart.yaml"),
+                   help="base config (default: configs/quickstart.yaml)")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"),
+                   help="output directory: OUT/seed<S>/<mode> and the table "
+                        "(default: runs/compare)")
+    p.add_argument("--seeds", type=parse_seeds, default=[0], help="e.g. 0,1,2 (default: 0)")
+    p.add_argument("--modes", type=parse_modes, default=list(MODES),
+                   help="subset of full,prelora,lora (default: all three)")
+    p.add_argument("--np", type=int, default=2, help="MPI ranks per run (default: 2)")
+    p.add_argument("--mpiexec", default=None, help="mpiexec to use (default: the one on PATH "
+                   "or beside this Python)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds allowed per run")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--reuse", action="store_true",
+                   help="keep runs that already finished in OUT (retrain unfinished ones)")
+    g.add_argument("--overwrite", action="store_true", help="delete and retrain existing runs")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``prelora-compare``: 0 when every run finished and the table is written."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_intermixed_args(argv)
+    clash = [o for o in args.overrides if o.split("=", 1)[0].strip() in RESERVED]
+    if clash:
+        print(f"prelora-compare: error: {clash} are set per run by the comparison "
+              f"(--modes, --seeds, --out)", file=sys.stderr)
+        return 2
+    from .config import ConfigError, load_config
+
+    try:
+        # Fail now on a bad key, not after the first run has trained.
+        for mode in args.modes:
+            load_config(args.config, [*args.overrides, f"run.mode={mode}"])
+    except ConfigError as e:
+        print(f"prelora-compare: config error: {e}", file=sys.stderr)
+        return 2
+    args.mpiexec = args.mpiexec or shutil.which("mpiexec") or _exe("mpiexec")
+    runs: dict[str, list[Run]] = {m: [] for m in args.modes}
+    process_s: dict[str, list[float]] = {m: [] for m in args.modes}
+    try:
+        for seed in args.seeds:
+            for mode in args.modes:
+                run_dir = args.out / f"seed{seed}" / mode
+                process_s[mode].append(train_one(run_dir, mode, seed, args, args.overrides))
+                runs[mode].append(load_run(run_dir, f"seed{seed}/{mode}"))
+        summary = summarize(runs, args.seeds, process_s)
+    except CompareError as e:
+        print(f"prelora-compare: error: {e}", file=sys.stderr)
+        return 1
+    all_runs = [r for i in range(len(args.seeds)) for m in args.modes for r in runs[m][i:i + 1]]
+    plot = plot_runs_top1(all_runs, args.out / "compare_top1.png",
+                          title="validation top-1: full vs prelora vs lora")
+    command = shlex.join(["prelora-compare", *argv])
+    (args.out / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
+    md = compare_markdown(summary, command, plot.name)
+    (args.out / "compare.md").write_text(md)
+    print(md)
+    print(f"wrote {args.out / 'compare.md'}, {args.out / 'compare.json'}, {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""prelora-compare: trains the three modes with one setting and tabulates them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from mpi_util import ROOT, env, mpiexec
+from prelora_hpc import compare
+from prelora_hpc.metrics import read_metrics
+
+# A few steps each; small windows and loose thresholds so that prelora
+# passes through all three stages within them.
+FEW_STEPS = ["run.epochs=1", "run.max_steps=8", "model.img_size=16", "logging.interval_steps=2",
+             "prelora.window_steps=2", "prelora.k=2", "prelora.tau=100", "prelora.zeta=100",
+             "prelora.warmup_windows=1"]
+
+
+def _compare(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "prelora_hpc.compare", *map(str, args)],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    p = _compare("--out", out, "--seeds", "0", "--mpiexec", mpiexec(), *FEW_STEPS)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return out, p
+
+
+@pytest.mark.mpi
+def test_compare_trains_all_three_modes_with_the_same_settings(compared):
+    out, _ = compared
+    for mode in compare.MODES:
+        run = out / "seed0" / mode
+        start = read_metrics(run, "start")[-1]
+        assert start["mode"] == mode and start["total_steps"] == 8
+        assert read_metrics(run, "end")[-1]["step"] == 8
+    assert [s["stage"] for s in read_metrics(out / "seed0" / "prelora", "switch")] == [2, 3]
+
+
+@pytest.mark.mpi
+def test_compare_writes_its_table_json_and_plot(compared):
+    out, p = compared
+    summary = json.loads((out / "compare.json").read_text())
+    assert list(summary) == list(compare.MODES)
+    for mode, v in summary.items():
+        final = read_metrics(out / "seed0" / mode, "epoch")[-1]
+        assert v["top1"] == pytest.approx(final["top1"])
+        assert v["wall_s"] == pytest.approx(read_metrics(out / "seed0" / mode, "end")[-1]["wall_s"])
+        assert v["seeds"] == [0]
+    pre = summary["prelora"]
+    assert pre["switch_epoch"] is not None and set(pre["stages"]) == {"1", "2", "3"}
+    assert sum(pre["rank_histogram"].values()) == len(
+        json.loads((out / "seed0" / "prelora" / "rank_map.json").read_text()))
+    assert summary["full"]["switch_epoch"] is None and set(summary["full"]["stages"]) == {"1"}
+    assert set(summary["lora"]["stages"]) == {"3"}
+    # Fewer trainable parameters once only adapters train.
+    assert pre["stages"]["3"]["trainable_params"] < pre["stages"]["1"]["trainable_params"]
+    md = (out / "compare.md").read_text()
+    for mode in compare.MODES:
+        assert f"| {mode} | {summary[mode]['top1']:.2f} |" in md
+    assert "run.max_steps=8" in md  # the command that made the table
+    with Image.open(out / "compare_top1.png") as im:
+        im.verify()
+    assert (out / "compare_top1.png").stat().st_size > 5_000
+    assert "| full |" in p.stdout
+
+
+@pytest.mark.mpi
+def test_existing_runs_are_kept_unless_asked(compared):
+    out, _ = compared
+    before = (out / "compare.json").read_text()
+    p = _compare("--out", out, "--seeds", "0", "--mpiexec", mpiexec(), *FEW_STEPS, timeout=120)
+    assert p.returncode == 1 and "--reuse" in p.stderr
+    # --reuse: finished runs are not trained again, the table is rebuilt from them.
+    p = _compare("--out", out, "--seeds", "0", "--mpiexec", mpiexec(), "--reuse", *FEW_STEPS,
+                 timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("reusing the finished run") == 3
+    after = json.loads((out / "compare.json").read_text())
+    for mode, v in json.loads(before).items():
+        assert after[mode]["top1"] == v["top1"] and after[mode]["wall_s"] == v["wall_s"]
+
+
+def test_reserved_overrides_and_bad_keys_are_refused_before_training(tmp_path, capsys):
+    assert compare.main(["--out", str(tmp_path), "run.mode=full"]) == 2
+    assert "run.mode" in capsys.readouterr().err
+    assert compare.main(["--out", str(tmp_path), "optim.lrr=1"]) == 2
+    assert "lrr" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_seed_and_mode_lists_are_checked():
+    assert compare.parse_seeds("0,1,2") == [0, 1, 2]
+    assert compare.parse_modes("lora,full") == ["lora", "full"]
+    for bad in ("0,0", "a", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="seeds"):
+            compare.parse_seeds(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="modes"):
+        compare.parse_modes("full,qlora")
