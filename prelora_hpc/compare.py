@@ -190,6 +190,12 @@ def summarize(runs: dict[str, list[Run]], seeds: list[int],
             "rank_histogram": {str(k): v for k, v in sorted(hist.items())},
             "runs": [str(r.path) for r in rs],
         }
+    if "full" in out:
+        # Relative to full training, the question the comparison asks.
+        base = out["full"]
+        for v in out.values():
+            v["top1_minus_full"] = v["top1"] - base["top1"]
+            v["wall_vs_full"] = v["wall_s"] / base["wall_s"] if base["wall_s"] > 0 else None
     return out
 
 
@@ -201,7 +207,9 @@ def compare_markdown(summary: dict[str, dict], command: str, plot: Optional[str]
     """``compare.md``: the table, what each column means, the command."""
     stages = sorted({s for v in summary.values() for s in v["stages"]})
     n = max(len(v["top1_per_seed"]) for v in summary.values())
+    rel = all("top1_minus_full" in v for v in summary.values())
     head = (["mode", "top-1 (%)", "top-5 (%)", "wall time (s)"]
+            + (["top-1 - full (points)", "wall time / full"] if rel else [])
             + [f"step time stage {s} (s)" for s in stages]
             + [f"trainable params stage {s}" for s in stages]
             + ["switch (epoch)", "rank map histogram (rank: layers)"])
@@ -211,6 +219,9 @@ def compare_markdown(summary: dict[str, dict], command: str, plot: Optional[str]
         st = v["stages"]
         cells = [mode, _pm(v["top1"], v["top1_std"], n), _pm(v["top5"], v["top5_std"], n),
                  _pm(v["wall_s"], v["wall_s_std"], n, ".1f")]
+        if rel:
+            cells += [f"{v['top1_minus_full']:+.2f}",
+                      "-" if v["wall_vs_full"] is None else f"{v['wall_vs_full']:.3f}"]
         cells += ["-" if st.get(s, {}).get("step_time_s") is None
                   else f"{st[s]['step_time_s']:.3f}" for s in stages]
         cells += ["-" if s not in st else f"{st[s]['trainable_params']:,}" for s in stages]
@@ -221,8 +232,9 @@ def compare_markdown(summary: dict[str, dict], command: str, plot: Optional[str]
     seeds = next(iter(summary.values()))["seeds"]
     lines += ["",
               f"Seeds {seeds}; top-1/top-5 at the final evaluation, mean ± sample standard "
-              "deviation over seeds. Wall time: the training loop (the `end` record's "
-              "`wall_s`, without process start-up). Step time: median over the logging "
+              "deviation over seeds; the columns against full compare the means. Wall "
+              "time: the training loop (the `end` record's `wall_s`, without process "
+              "start-up). Step time: median over the logging "
               "intervals of the stage (an interval holding an evaluation or an engine rebuild "
               "is slower), mean over seeds. Switch: the epoch at which each seed's run left "
               "stage 1. Rank map histogram: layers per rank, summed over seeds.", "",

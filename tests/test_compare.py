@@ -61,6 +61,10 @@ def test_compare_writes_its_table_json_and_plot(compared):
         json.loads((out / "seed0" / "prelora" / "rank_map.json").read_text()))
     assert summary["full"]["switch_epoch"] is None and set(summary["full"]["stages"]) == {"1"}
     assert set(summary["lora"]["stages"]) == {"3"}
+    # Each mode against full training: the two numbers the comparison is for.
+    for mode, v in summary.items():
+        assert v["top1_minus_full"] == pytest.approx(v["top1"] - summary["full"]["top1"])
+        assert v["wall_vs_full"] == pytest.approx(v["wall_s"] / summary["full"]["wall_s"])
     # Fewer trainable parameters once only adapters train.
     assert pre["stages"]["3"]["trainable_params"] < pre["stages"]["1"]["trainable_params"]
     md = (out / "compare.md").read_text()
