@@ -1184,6 +1184,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # rank hits the same error, so a plain exit is enough.
         if dist.is_main:
             print(f"prelora-bench: {e}", file=sys.stderr)
+        launch.finish()
         return 2
     result["command"] = " ".join(["prelora-bench"] + (sys.argv[1:] if argv is None else argv))
     if dist.is_main:
@@ -1197,6 +1198,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 row = scaling_row(result, stage, args.scaling_row)
                 path = args.json_row_dir / f"{args.scaling_row}-{stage}-n{row['gpus']}.json"
                 path.write_text(json.dumps(row) + "\n")
+    launch.finish()
     return 0
 
 

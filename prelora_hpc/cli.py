@@ -42,7 +42,7 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         print(f"prelora-train: config error: {e}", file=sys.stderr)
         return 2
 
-    from .launch import StopSignal, abort, init_distributed
+    from .launch import StopSignal, abort, finish, init_distributed
 
     stop = StopSignal().install()
     dist = init_distributed(cfg.run.collective_timeout_s)
@@ -57,6 +57,10 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         # exit everywhere, no abort needed.
         if dist.is_main:
             print(f"prelora-train: error: {e}", file=sys.stderr, flush=True)
+        if trainer is not None:
+            trainer.close()
+            trainer = None
+        finish()
         return 1
     except Exception as e:  # noqa: BLE001 - any error must end all ranks
         # One line saying what and where; MPI_Abort so no peer waits forever
@@ -68,6 +72,7 @@ def train_main(argv: Optional[list[str]] = None) -> int:
     else:
         trainer.close()
         trainer = None
+        finish()
         return code
     finally:
         if trainer is not None:

@@ -124,6 +124,23 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
     return DistInfo(rank, world, local_rank, local_size, device, backend, socket.gethostname())
 
 
+def finish() -> None:
+    """End the job's collectives cleanly; call on every rank before a normal exit.
+
+    Without it a rank that is done early (rank 0 still writing its table)
+    exits while its peers' gloo/DeepSpeed background threads hold
+    connections to it, and C++ teardown at interpreter exit then sometimes
+    ends a peer with ``terminate called without an active exception``
+    (SIGABRT, exit 6) after all the work succeeded. The MPI barrier keeps
+    every rank alive until all are done; then the process group goes down
+    while nothing is in flight. Idempotent.
+    """
+    if MPI.COMM_WORLD.Get_size() > 1:
+        MPI.COMM_WORLD.Barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def abort(message: str, code: int = 1) -> None:
     """Print ``message`` (with the rank) and end every rank of the job.
 
