@@ -180,6 +180,24 @@ class PreLoRAConfig:
     reset_optimizer: bool = False
     """False: AdamW moments of parameters that stay trainable are carried
     across engine rebuilds. True: every rebuild starts fresh moments."""
+    criterion: Literal["norm", "update"] = "norm"
+    """The switch test: 'norm' is Algorithm 1 (layer-averaged weight-norm
+    change <= tau); 'update' asks that the weights themselves stopped
+    moving: the layer-averaged relative update ||W_t - W_{t-1}|| / ||W_{t-1}||
+    <= tau_update over the last k - 1 windows (the loss test as in 'norm')."""
+    tau_update: float = 1.0
+    """Relative-update threshold of criterion 'update', percent per window."""
+    rank_rule: Literal["norm", "energy"] = "norm"
+    """'norm': Algorithm 2 (ranks from the layers' norm changes, relative).
+    'energy': each layer gets the smallest power of two in [r_min, r_max]
+    whose top singular values hold ``energy`` of its last window's update."""
+    energy: float = 0.9
+    """Energy share of rank rule 'energy', in (0, 1]."""
+    track_updates: bool = True
+    """Measure each layer's relative update and energy rank at every window
+    even when criterion and rank rule do not need them, so the log shows
+    what still moves and a replay can try either criterion. Costs a copy of
+    this rank's share (1 / world size) of the tracked weights."""
 
     def check(self, err):
         ws = self.window_steps
@@ -201,6 +219,10 @@ class PreLoRAConfig:
             err("r_min", f"r_min={self.r_min} > r_max={self.r_max}")
         if self.min_windows < 0:
             err("min_windows", "must be >= 0")
+        if self.tau_update < 0:
+            err("tau_update", "must be >= 0")
+        if not 0 < self.energy <= 1:
+            err("energy", "must be in (0, 1]")
         allowed = {"norm", "pos_embed", "cls_token", "head", "patch_embed", "bias"}
         for s in self.stage3_trainable:
             if s not in allowed:
@@ -217,6 +239,10 @@ class LoRAConfig:
     """Dropout on the LoRA branch input (0 adds no kernel)."""
     rank: int = 16
     """Rank of every layer in mode 'lora' (the from-scratch baseline)."""
+    lr_scale: float = 1.0
+    """Adapter learning rate as a multiple of the run's (both A and B)."""
+    lr_ratio_b: float = 1.0
+    """Extra multiple for B over A (LoRA+: B learns best at a larger rate)."""
 
     def check(self, err):
         if not self.target_modules:
@@ -227,6 +253,10 @@ class LoRAConfig:
             err("dropout", "must be in [0, 1)")
         if not _is_pow2(self.rank):
             err("rank", f"must be a power of two, got {self.rank}")
+        if not (math.isfinite(self.lr_scale) and self.lr_scale > 0):
+            err("lr_scale", "must be a finite number > 0")
+        if not (math.isfinite(self.lr_ratio_b) and self.lr_ratio_b > 0):
+            err("lr_ratio_b", "must be a finite number > 0")
 
 
 @dataclass
@@ -444,6 +474,11 @@ def _check(cfg: Config, source: str) -> None:
     # Cross-section checks.
     if cfg.run.mode == "lora" and cfg.lora.rank > 4096:
         raise ConfigError(f"'lora.rank' in {source}: unreasonably large")
+    if cfg.deepspeed.zero_stage == 3 and (cfg.prelora.criterion == "update"
+                                          or cfg.prelora.rank_rule == "energy"):
+        # The update statistics need each layer's whole weight on one rank.
+        raise ConfigError(f"'prelora.criterion' in {source}: criterion 'update' and rank_rule "
+                          "'energy' need deepspeed.zero_stage <= 2 (ZeRO-3 partitions weights)")
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -122,75 +122,33 @@ def assign_ranks(changes: dict[str, list[float]], r_min: int, r_max: int) -> dic
     return out
 
 
-class NormTracker:
-    """Per-module, per-layer Frobenius norms of a timm ViT's tracked linears,
-    with the loss, for the last ``k`` windows.
+class WindowHistory:
+    """The last ``k`` windows' per-module, per-layer weight norms and losses.
 
-    Layer ``l`` of module ``a`` is ``f"{block_prefix}.{l}.{a}"``, e.g.
-    ``blocks.3.attn.qkv``. A LoRA wrapper keeping the original as
-    ``.base_layer`` is tracked through its base weight.
+    Pure bookkeeping on numbers (no model, no collectives): the trainer and
+    the what-if replay keep their history in one of these, through the same
+    ``SwitchPolicy``. Layer ``l`` of module ``a`` is named
+    ``f"{block_prefix}.{l}.{a}"``, e.g. ``blocks.3.attn.qkv``.
     """
 
-    def __init__(self, model: nn.Module, modules: list[str], k: int, block_prefix: str = "blocks"):
+    def __init__(self, modules: list[str], num_layers: int, k: int, block_prefix: str = "blocks"):
         if not modules or len(set(modules)) != len(modules):
             raise ValueError(f"modules must be a non-empty list without repeats, got {modules!r}")
         if not isinstance(k, int) or k < 2:
             raise ValueError(f"k must be an integer >= 2, got {k!r}")
-        try:
-            blocks = model.get_submodule(block_prefix)
-        except AttributeError:
-            raise ValueError(f"model has no {block_prefix!r} (the transformer blocks)") from None
-        self._model = model
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
         self.module_names = list(modules)
-        self.num_layers = len(blocks)
+        self.num_layers = num_layers
         self.k = k
         self.block_prefix = block_prefix
         self._norms: deque[list[list[float]]] = deque(maxlen=k)
         self._losses: deque[float] = deque(maxlen=k)
         self.windows_seen = 0
-        self._weights(model)  # fail now, not at the first window end
 
     def layer_name(self, module: str, layer: int) -> str:
         """Full name of layer ``layer`` of ``module``, e.g. ``blocks.3.attn.qkv``."""
         return f"{self.block_prefix}.{layer}.{module}"
-
-    def _weights(self, model: nn.Module) -> list[list[torch.Tensor]]:
-        rows = []
-        for a in self.module_names:
-            row = []
-            for layer in range(self.num_layers):
-                name = self.layer_name(a, layer)
-                try:
-                    mod = model.get_submodule(name)
-                except AttributeError:
-                    raise ValueError(f"tracked module {a!r} is missing: no {name!r}") from None
-                mod = getattr(mod, "base_layer", mod)
-                if not isinstance(getattr(mod, "weight", None), torch.Tensor):
-                    raise ValueError(f"tracked module {a!r}: {name!r} has no weight tensor")
-                row.append(mod.weight)
-            rows.append(row)
-        return rows
-
-    @property
-    def sharded(self) -> bool:
-        """True if any tracked weight is ZeRO-3-partitioned: the caller must
-        SUM-all-reduce ``local_sumsq()`` (a replicated one is already global)."""
-        return any(getattr(w, "ds_tensor", None) is not None
-                   for row in self._weights(self._model) for w in row)
-
-    @torch.no_grad()
-    def local_sumsq(self, model: nn.Module | None = None) -> torch.Tensor:
-        """Sum of squares of each tracked weight as this process holds it (its
-        ZeRO-3 partition when partitioned), float64 CPU, [num_modules, num_layers].
-        ``model`` defaults to the one given at construction."""
-        rows = self._weights(self._model if model is None else model)
-        flat = []
-        for row in rows:
-            for w in row:
-                local = w.ds_tensor if getattr(w, "ds_tensor", None) is not None else w
-                flat.append(local.detach().float().pow(2).sum())
-        # One stack and one copy: a single device sync per window end.
-        return torch.stack(flat).to("cpu", torch.float64).reshape(len(rows), self.num_layers)
 
     def _check_window(self, norms, loss) -> tuple[list[list[float]], float]:
         arr = np.asarray(norms.detach().cpu() if isinstance(norms, torch.Tensor) else norms,
@@ -268,3 +226,222 @@ class NormTracker:
         self._norms = deque((n for n, _ in windows), maxlen=self.k)
         self._losses = deque((loss for _, loss in windows), maxlen=self.k)
         self.windows_seen = int(state["windows_seen"])
+
+
+class NormTracker(WindowHistory):
+    """A ``WindowHistory`` that reads its norms from a timm ViT's tracked linears.
+
+    A LoRA wrapper keeping the original as ``.base_layer`` is tracked through
+    its base weight (``local_sumsq``) or through its effective weight
+    ``W0 + scaling * B @ A`` (``local_effective_sumsq``).
+    """
+
+    def __init__(self, model: nn.Module, modules: list[str], k: int, block_prefix: str = "blocks"):
+        try:
+            blocks = model.get_submodule(block_prefix)
+        except AttributeError:
+            raise ValueError(f"model has no {block_prefix!r} (the transformer blocks)") from None
+        super().__init__(modules, len(blocks), k, block_prefix)
+        self._model = model
+        self._weights(model)  # fail now, not at the first window end
+
+    def _layers(self, model: nn.Module) -> list[list[nn.Module]]:
+        rows = []
+        for a in self.module_names:
+            row = []
+            for layer in range(self.num_layers):
+                name = self.layer_name(a, layer)
+                try:
+                    row.append(model.get_submodule(name))
+                except AttributeError:
+                    raise ValueError(f"tracked module {a!r} is missing: no {name!r}") from None
+            rows.append(row)
+        return rows
+
+    def _weights(self, model: nn.Module) -> list[list[torch.Tensor]]:
+        rows = []
+        for a, mods in zip(self.module_names, self._layers(model)):
+            row = []
+            for layer, mod in enumerate(mods):
+                mod = getattr(mod, "base_layer", mod)
+                if not isinstance(getattr(mod, "weight", None), torch.Tensor):
+                    raise ValueError(f"tracked module {a!r}: {self.layer_name(a, layer)!r} "
+                                     "has no weight tensor")
+                row.append(mod.weight)
+            rows.append(row)
+        return rows
+
+    @property
+    def sharded(self) -> bool:
+        """True if any tracked weight is ZeRO-3-partitioned: the caller must
+        SUM-all-reduce ``local_sumsq()`` (a replicated one is already global)."""
+        return any(getattr(w, "ds_tensor", None) is not None
+                   for row in self._weights(self._model) for w in row)
+
+    @torch.no_grad()
+    def local_sumsq(self, model: nn.Module | None = None) -> torch.Tensor:
+        """Sum of squares of each tracked weight as this process holds it (its
+        ZeRO-3 partition when partitioned), float64 CPU, [num_modules, num_layers].
+        ``model`` defaults to the one given at construction."""
+        rows = self._weights(self._model if model is None else model)
+        flat = []
+        for row in rows:
+            for w in row:
+                local = w.ds_tensor if getattr(w, "ds_tensor", None) is not None else w
+                flat.append(local.detach().float().pow(2).sum())
+        # One stack and one copy: a single device sync per window end.
+        return torch.stack(flat).to("cpu", torch.float64).reshape(len(rows), self.num_layers)
+
+
+    @torch.no_grad()
+    def local_effective_sumsq(self, model: nn.Module | None = None) -> torch.Tensor:
+        """``||W0 + scaling * B @ A||_F^2`` of each tracked layer, float64 CPU,
+        [num_modules, num_layers]; equals ``local_sumsq`` where no adapter is
+        injected (stage 1). Replicated weights only (not under ZeRO-3).
+
+        ``B @ A`` is never formed: ``||W0||^2 + 2 s <W0, B A> + s^2 ||B A||^2``
+        with ``<W0, B A> = sum((B^T W0) * A)`` ([r, in]) and
+        ``||B A||^2 = sum((B^T B) * (A A^T))`` ([r, r]), so a window end costs
+        one [r, out] x [out, in] product per layer and no dense copy.
+        """
+        flat = []
+        for row in self._layers(self._model if model is None else model):
+            for mod in row:
+                w = getattr(mod, "base_layer", mod).weight.detach().float()
+                sq = w.pow(2).sum().double()
+                if hasattr(mod, "lora_A") and not mod.merged:
+                    a = mod.lora_A.weight.detach().float()
+                    b = mod.lora_B.weight.detach().float()
+                    cross = (b.t() @ w).mul_(a).sum().double()
+                    gram = ((b.t() @ b) * (a @ a.t())).sum().double()
+                    sq = sq + 2.0 * mod.scaling * cross + mod.scaling ** 2 * gram
+                flat.append(sq)
+        return torch.stack(flat).to("cpu", torch.float64).reshape(len(self.module_names),
+                                                                   self.num_layers)
+
+    def effective_weight(self, module: str, layer: int, model: nn.Module | None = None
+                         ) -> torch.Tensor:
+        """The effective weight ``W0 + scaling * B @ A`` of one tracked layer
+        (a new dense tensor, [out, in], float32): for the update statistics,
+        formed for one layer at a time and dropped after use."""
+        mod = (self._model if model is None else model).get_submodule(self.layer_name(module, layer))
+        w = getattr(mod, "base_layer", mod).weight.detach().float()
+        if hasattr(mod, "lora_A") and not mod.merged:
+            w = torch.addmm(w, mod.lora_B.weight.detach().float(),
+                            mod.lora_A.weight.detach().float(), alpha=mod.scaling)
+        return w
+
+
+def relative_update(prev: torch.Tensor, cur: torch.Tensor) -> float:
+    """``||cur - prev||_F / ||prev||_F * 100``: how far a weight moved over a
+    window, in percent of its size (0 for a weight that did not move)."""
+    denom = float(prev.double().norm())
+    if not math.isfinite(denom) or denom <= 0:
+        raise ValueError(f"relative_update: previous weight norm must be finite and > 0, "
+                         f"got {denom!r}")
+    return 100.0 * float((cur.double() - prev.double()).norm()) / denom
+
+
+def energy_rank(singular_values: list[float] | np.ndarray, share: float, r_min: int,
+                r_max: int) -> int:
+    """The smallest power of two in [r_min, r_max] whose top singular values
+    hold at least ``share`` of the energy (sum of squares) of an update;
+    ``r_max`` when none does. An update of zero energy gets ``r_min``."""
+    lo_p, hi_p = _log2_of_power_of_two(r_min, "r_min"), _log2_of_power_of_two(r_max, "r_max")
+    if r_min > r_max:
+        raise ValueError(f"r_min={r_min} > r_max={r_max}")
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share!r}")
+    sq = np.sort(np.square(np.asarray(singular_values, dtype=np.float64)))[::-1]
+    if not np.all(np.isfinite(sq)):
+        raise ValueError("singular values must be finite")
+    total = float(sq.sum())
+    if total <= 0:
+        return r_min
+    cum = np.cumsum(sq) / total
+    for p in range(lo_p, hi_p + 1):
+        r = 2**p
+        # Float rounding of a cumulative sum that should reach 1 exactly.
+        if cum[min(r, len(cum)) - 1] >= share - 1e-12:
+            return r
+    return r_max
+
+
+def update_convergence(updates: dict[str, list[float]], losses: list[float],
+                       tau_update: float, zeta: float) -> bool:
+    """The update test: True when every module's layer-averaged relative
+    update (percent per window, ``relative_update``) stayed at or below
+    ``tau_update`` over the windows given, and the loss changed by no more
+    than ``zeta`` percent between any two consecutive windows (as in
+    Algorithm 1).
+
+    ``updates[a]``: module ``a``'s mean relative update at each of the last
+    k - 1 windows (each against the window before); ``losses``: the last k
+    windows' losses, oldest first.
+    """
+    for name, x in (("tau_update", tau_update), ("zeta", zeta)):
+        if not math.isfinite(x) or x < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {x!r}")
+    if not updates:
+        raise ValueError("updates is empty: no module to test")
+    if len(losses) < 2:
+        raise ValueError(f"losses: need at least 2 windows, got {len(losses)}")
+    _check_finite(losses, "losses")
+    for a, vals in updates.items():
+        if len(vals) != len(losses) - 1:
+            raise ValueError(f"updates[{a!r}] has {len(vals)} windows, expected "
+                             f"{len(losses) - 1} (one fewer than losses)")
+        _check_finite(vals, f"updates[{a!r}]")
+    d_loss = [percent_change(losses[t - 1], losses[t], f"losses window {t - 1}->{t}")
+              for t in range(1, len(losses))]
+    if any(abs(d) > zeta for d in d_loss):
+        return False
+    return all(u <= tau_update for vals in updates.values() for u in vals)
+
+
+class UpdateTracker:
+    """How far each tracked layer's effective weight moved over the last
+    window: the statistics of the update criterion and of energy ranks.
+
+    Layers are split over ranks (layer ``j`` of the flattened
+    [modules x layers] grid belongs to rank ``j % world_size``); each rank
+    keeps a copy of its own layers' weights from the previous window end
+    only, so the memory is about one model's tracked weights divided by the
+    world size. ``local_stats`` fills this rank's entries and leaves zeros
+    elsewhere: a SUM all-reduce by the caller assembles the whole grid.
+    Nothing here communicates.
+    """
+
+    def __init__(self, norms: NormTracker, rank: int, world_size: int,
+                 energy: float | None = None, r_min: int = 8, r_max: int = 64):
+        self.norms = norms
+        self.energy = energy
+        self.r_min, self.r_max = r_min, r_max
+        m, n = len(norms.module_names), norms.num_layers
+        self.owned = [(i, l) for i in range(m) for l in range(n) if (i * n + l) % world_size == rank]
+        self._prev: dict[tuple[int, int], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def local_stats(self, model: nn.Module | None = None) -> torch.Tensor:
+        """[3, num_modules, num_layers] float64 CPU: relative update in percent
+        (``relative_update`` of the effective weight against the previous
+        window end), energy rank (0 when ``energy`` is None), and 1 where this
+        rank measured the layer (0 at the first window: no previous copy).
+        Keeps the current weights as the next window's reference."""
+        out = torch.zeros(3, len(self.norms.module_names), self.norms.num_layers,
+                          dtype=torch.float64)
+        for i, l in self.owned:
+            cur = self.norms.effective_weight(self.norms.module_names[i], l, model)
+            prev = self._prev.get((i, l))
+            if prev is not None:
+                out[0, i, l] = relative_update(prev, cur)
+                if self.energy is not None:
+                    s = torch.linalg.svdvals(cur - prev).cpu().numpy()
+                    out[1, i, l] = energy_rank(s, self.energy, self.r_min, self.r_max)
+                out[2, i, l] = 1.0
+            self._prev[(i, l)] = cur
+        return out
+
+    def forget(self) -> None:
+        """Drop the reference copies (a resume starts the update history anew)."""
+        self._prev.clear()

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .config import Config
 from .launch import DistInfo
+from .lora import lora_modules
 
 #: Parameters that take no weight decay: biases, norms and the token/position
 #: embeddings (timm's ViT recipe).
@@ -85,22 +86,41 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
     return out
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups over the trainable parameters only: 1-D parameters and
-    token/position embeddings without decay, the rest with it."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, lora_lr_scale: float = 1.0,
+                 lora_lr_ratio_b: float = 1.0) -> list[dict]:
+    """AdamW groups over the trainable parameters only.
+
+    Base parameters: 1-D ones and token/position embeddings without decay,
+    the rest with it, both at the run's learning rate. Adapters: every
+    ``lora_A`` in one group and every ``lora_B`` in another, at
+    ``lora_lr_scale`` and ``lora_lr_scale * lora_lr_ratio_b`` times the run's
+    rate. Each group carries its multiple as ``lr_scale`` (``set_lr`` reads
+    it). Adapters in groups of their own also give them their own step count
+    under ZeRO, whose flat partitions hold one AdamW step per group: new
+    adapters start at step 0 while carried base parameters keep theirs.
+    """
+    lora_a, lora_b = set(), set()
+    for m in lora_modules(model).values():
+        lora_a.add(id(m.lora_A.weight))
+        lora_b.add(id(m.lora_B.weight))
+    decay, no_decay, a_params, b_params = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.split(".")[-1] in _NO_DECAY_NAMES:
+        if id(p) in lora_a:
+            a_params.append(p)
+        elif id(p) in lora_b:
+            b_params.append(p)
+        elif p.ndim <= 1 or name.split(".")[-1] in _NO_DECAY_NAMES:
             no_decay.append(p)
         else:
             decay.append(p)
     groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    for params, wd, scale in ((decay, weight_decay, 1.0), (no_decay, 0.0, 1.0),
+                              (a_params, weight_decay, lora_lr_scale),
+                              (b_params, weight_decay, lora_lr_scale * lora_lr_ratio_b)):
+        if params:
+            groups.append({"params": params, "weight_decay": wd, "lr_scale": scale})
     if not groups:
         raise ValueError("no trainable parameters: nothing for the optimizer to train")
     return groups
@@ -129,15 +149,43 @@ class CarriedState:
 
     moments: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     master: dict[str, torch.Tensor] = field(default_factory=dict)
-    step: int = 0
+    steps: dict[str, int] = field(default_factory=dict)
+    """AdamW step count of each carried parameter (its group's under ZeRO)."""
 
 
-def _base_optimizer(engine) -> torch.optim.Optimizer:
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer inside an engine (ZeRO and the bf16 wrapper keep it
+    as ``.optimizer``); its ``param_groups`` are the ones ``param_groups`` built."""
     opt = engine.optimizer
-    # ZeRO and the bf16 wrapper keep the torch optimizer as `.optimizer`.
     while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
         opt = opt.optimizer
     return opt
+
+
+def set_lr(engine, lr: float) -> None:
+    """Set the run's learning rate: each group gets ``lr`` times its ``lr_scale``."""
+    for g in base_optimizer(engine).param_groups:
+        g["lr"] = lr * g["lr_scale"]
+
+
+def current_lr(engine) -> float:
+    """The run's learning rate as last set (the first group's over its scale)."""
+    g = base_optimizer(engine).param_groups[0]
+    return g["lr"] / g["lr_scale"]
+
+
+def group_parameters(engine) -> list[list[nn.Parameter]]:
+    """The model parameters of each optimizer group, in group order.
+
+    ZeRO replaces each group's parameters with one flat partition and keeps
+    the originals on the wrapper (``bit16_groups``; ``bf16_groups`` in the
+    bf16 optimizer), in the same group order (DeepSpeed 0.17.6 and 0.19.8).
+    """
+    for attr in ("bit16_groups", "bf16_groups", "fp16_groups"):
+        groups = getattr(engine.optimizer, attr, None)
+        if groups:
+            return [list(g) for g in groups]
+    return [list(g["params"]) for g in base_optimizer(engine).param_groups]
 
 
 def _key(name: str) -> str:
@@ -156,7 +204,7 @@ def _materialize_state(engine) -> None:
     writing; creating the state first lets carried moments into a fresh
     engine before its first step.
     """
-    base = _base_optimizer(engine)
+    base = base_optimizer(engine)
     for g in base.param_groups:
         for p in g["params"]:
             st = base.state[p]
@@ -170,8 +218,18 @@ def _materialize_state(engine) -> None:
         link()
 
 
+def _group_steps(engine) -> list[tuple[list[nn.Parameter], list[dict]]]:
+    """Each group's model parameters with the optimizer state entries that
+    hold its step count: one per parameter for a torch optimizer, the flat
+    partition's under ZeRO."""
+    base = base_optimizer(engine)
+    return [(params, [base.state[q] for q in g["params"]])
+            for params, g in zip(group_parameters(engine), base.param_groups)]
+
+
 def extract_state(engine, model: nn.Module) -> CarriedState:
-    """Copy AdamW moments (and fp32 masters) of every trainable parameter, by name.
+    """Copy AdamW moments, step counts (and fp32 masters) of every trainable
+    parameter, by name.
 
     Works for a plain torch optimizer (ZeRO 0, fp32) and for DeepSpeed's
     partitioned ones (ZeRO 1/2, bf16) through its ``safe_get_full_*`` API.
@@ -181,7 +239,7 @@ def extract_state(engine, model: nn.Module) -> CarriedState:
 
     out = CarriedState()
     _materialize_state(engine)
-    base = _base_optimizer(engine)
+    base = base_optimizer(engine)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -195,19 +253,28 @@ def extract_state(engine, model: nn.Module) -> CarriedState:
         st = {k: v.detach().clone() for k, v in st.items() if v is not None}
         if st:
             out.moments[_key(name)] = st
-    for s in base.state.values():
-        if "step" in s:
-            out.step = max(out.step, int(torch.as_tensor(s["step"]).item()))
+    names = {id(p): _key(n) for n, p in model.named_parameters()}
+    for params, states in _group_steps(engine):
+        step = max((int(torch.as_tensor(s["step"]).item()) for s in states if "step" in s),
+                   default=0)
+        for p in params:
+            out.steps[names[id(p)]] = step
     return out
 
 
 def restore_state(engine, model: nn.Module, carried: CarriedState) -> int:
-    """Put carried moments back into a freshly built engine; returns how many
-    parameters got their state back (new parameters start from zero)."""
+    """Put carried moments and step counts back into a freshly built engine;
+    returns how many parameters got their state back.
+
+    Parameters new to the optimizer (adapters injected at the switch) keep
+    zero moments and step 0, so AdamW's bias correction treats them as the
+    fresh parameters they are; a group of carried parameters resumes its
+    step count.
+    """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     _materialize_state(engine)
-    base = _base_optimizer(engine)
+    base = base_optimizer(engine)
     n = 0
     for name, p in model.named_parameters():
         st = carried.moments.get(_key(name))
@@ -222,14 +289,17 @@ def restore_state(engine, model: nn.Module, carried: CarriedState) -> int:
             state = base.state[p]
             for k, v in st.items():
                 state[k] = v.to(p.device)
-            state["step"] = torch.tensor(float(carried.step))
         n += 1
-    if carried.step:
-        # New adapters share flat groups with carried parameters under ZeRO;
-        # one step count per group, the run's, keeps bias correction sane.
-        for s in base.state.values():
-            if "exp_avg" in s:
-                s["step"] = torch.tensor(float(carried.step))
+    names = {id(p): _key(n) for n, p in model.named_parameters()}
+    for params, states in _group_steps(engine):
+        steps = [carried.steps[names[id(p)]] for p in params
+                 if names[id(p)] in carried.moments and names[id(p)] in carried.steps]
+        if not steps:
+            continue  # a group of new parameters: step 0
+        # param_groups keeps new and carried parameters in separate groups;
+        # a mixed group (not built by it) resumes the carried count.
+        for s in states:
+            s["step"] = torch.tensor(float(max(steps)))
     return n
 
 
@@ -245,7 +315,7 @@ def build_engine(model: nn.Module, cfg: Config, dist: DistInfo):
     precision = resolve_precision(cfg, dist.device)
     ds_cfg = deepspeed_config(cfg, dist.world_size, precision)
     o = cfg.optim
-    groups = param_groups(model, o.weight_decay)
+    groups = param_groups(model, o.weight_decay, cfg.lora.lr_scale, cfg.lora.lr_ratio_b)
     # A client torch AdamW: no JIT-built fused kernel on the CPU, and the
     # same optimizer class whatever the device.
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
@@ -283,17 +353,5 @@ def destroy_engine(engine) -> None:
 
 def trainable_in_engine(engine, model: nn.Module) -> set[str]:
     """Names of the model parameters the engine's optimizer updates."""
-    base = _base_optimizer(engine)
-    ids = set()
-    # ZeRO replaces param groups with flat partitions; the original groups
-    # are kept on the wrapper as `bit16_groups` / `round_robin_bit16_groups`.
-    for attr in ("bit16_groups", "bf16_groups", "fp16_groups"):
-        groups = getattr(engine.optimizer, attr, None)
-        if groups:
-            for g in groups:
-                ids.update(id(p) for p in g)
-            break
-    else:
-        for g in base.param_groups:
-            ids.update(id(p) for p in g["params"])
+    ids = {id(p) for g in group_parameters(engine) for p in g}
     return {n for n, p in model.named_parameters() if id(p) in ids}

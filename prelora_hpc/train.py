@@ -19,7 +19,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -31,31 +31,63 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .config import Config, dump_config
-from .convergence import NormTracker, assign_ranks, partial_convergence, window_changes
+from .convergence import NormTracker, UpdateTracker
 from .data import build_dataloaders, prepare_data
-from .engine import (build_engine, destroy_engine, extract_state, global_batch, lr_at,
-                     restore_state, resolve_precision, _base_optimizer)
+from .engine import (build_engine, current_lr, destroy_engine, extract_state, global_batch, lr_at,
+                     restore_state, resolve_precision, set_lr)
 from .launch import EXIT_RESUBMIT, DistInfo, StopSignal
-from .lora import freeze_base, inject_lora, lora_modules, unfreeze_all
+from .lora import lora_modules
 from .metrics import Log, MetricsWriter, peak_memory_bytes, reset_peak_memory
 from .model import build_model, count_parameters
-
-STAGE_NAMES = {1: "stage 1 (full)", 2: "stage 2 (full + LoRA)", 3: "stage 3 (LoRA only)"}
+from .stages import Decision, SwitchParams, SwitchPolicy, WindowStats, shape_for_stage, stage_name
 
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or inf."""
 
 
-@dataclass
-class Decision:
-    """What rank 0 decided at a window end, broadcast to every rank."""
+def reduce_window_stats(tracker: NormTracker, updates: Optional[UpdateTracker],
+                        model: nn.Module, local_loss: float, world_size: int,
+                        device: torch.device) -> WindowStats:
+    """Collective: every rank's window statistics, reduced over ranks, in one all-reduce.
 
-    switch: bool
-    rank_map: dict[str, int] = field(default_factory=dict)
-    reason: str = ""
-    dW: dict[str, float] = field(default_factory=dict)
-    dL: Optional[float] = None
+    Returns ``WindowStats`` with the Frobenius norm of each tracked effective
+    weight [modules, layers] (the base weight's where no adapter is injected,
+    so stage 1 sees exactly the base norms), the base weights' norms as
+    ``base_norms`` once adapters exist, the mean of the ranks' ``local_loss``
+    and, with an ``UpdateTracker``, each layer's relative update (percent)
+    and energy rank, measured by the rank owning the layer.
+    """
+    sharded = tracker.sharded
+    base_sq = tracker.local_sumsq(model)
+    # ZeRO-3 partitions: the effective weight's cross terms need whole
+    # weights, so only the base norms are tracked there (config forbids
+    # the update statistics under ZeRO-3).
+    adapted = bool(lora_modules(model))
+    eff_sq = tracker.local_effective_sumsq(model) if adapted and not sharded else base_sq
+    parts = [base_sq.flatten(), eff_sq.flatten()]
+    if updates is not None:
+        parts.append(updates.local_stats(model).flatten())
+    parts.append(torch.tensor([local_loss], dtype=torch.float64))
+    buf = torch.cat(parts).to(device)
+    tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
+    buf = buf.cpu()
+    n = base_sq.numel()
+    # Replicated weights: every rank holds all of it, so average; ZeRO-3
+    # partitions: each rank holds a slice, so the sum is the whole.
+    scale = 1.0 if sharded else 1.0 / world_size
+    shape = base_sq.shape
+    base = (buf[:n] * scale).view(shape).sqrt()
+    eff = (buf[n:2 * n] * scale).view(shape).sqrt()
+    stats = WindowStats(norms=eff, loss=float(buf[-1]) / world_size,
+                        base_norms=base if adapted else None)
+    if updates is not None:
+        u = buf[2 * n:5 * n].view(3, *shape)
+        if bool((u[2] > 0).all()):  # every layer measured (not the first window)
+            stats.updates = u[0]
+            if updates.energy is not None:
+                stats.energy_ranks = u[1].round().to(torch.int64)
+    return stats
 
 
 @dataclass
@@ -136,6 +168,13 @@ class Trainer:
         _seed_all(cfg.run.seed + 7919 * dist.rank)
         self.params_total = count_parameters(self.model)
         self.tracker = NormTracker(self.model, cfg.lora.target_modules, cfg.prelora.k)
+        params = SwitchParams.from_config(cfg)
+        self.policy = SwitchPolicy(params, self.tracker.module_names, self.tracker.num_layers)
+        # ZeRO-3 partitions whole weights over ranks: no update statistics.
+        track = params.needs_updates or (cfg.prelora.track_updates
+                                         and cfg.deepspeed.zero_stage < 3)
+        self.updates = (UpdateTracker(self.tracker, dist.rank, dist.world_size, params.energy,
+                                      params.r_min, params.r_max) if track else None)
         self.p = Progress()
         self.rank_map: dict[str, int] = {}
         self.metrics = MetricsWriter(self.out, dist.is_main, cfg.logging.tensorboard)
@@ -143,7 +182,10 @@ class Trainer:
         self._samples_since = 0
         self._last_eval_step = -1
 
-        point = ckpt.find_resume(cfg, resume)
+        # Collective: verified before anything is loaded, the same on every rank.
+        point = ckpt.find_resume(cfg, resume, rank=dist.rank, world_size=dist.world_size)
+        for note in point.notes if point is not None and dist.is_main else []:
+            self.log.warn(note)
         if point is not None:
             self.p.stage = point.stage
             self.rank_map = point.rank_map
@@ -154,12 +196,12 @@ class Trainer:
             self.p.stage = 3
         # Convert, then build: the model takes the shape of its stage before
         # DeepSpeed sees it.
-        self._shape_model_for_stage()
+        shape_for_stage(self.model, self.p.stage, self.rank_map, cfg).to(self.device)
         self.engine = build_engine(self.model, cfg, dist)
         if point is not None:
             client = ckpt.load(self.engine, point, dist.rank)
             self.load_state_dict(client)
-            self.log.info(f"resumed from {point.path} in {STAGE_NAMES[self.p.stage]} at step "
+            self.log.info(f"resumed from {point.path} in {stage_name(self.p.stage)} at step "
                           f"{self.p.global_step} (epoch {self.p.epoch})")
         self._log_start(point)
 
@@ -167,33 +209,28 @@ class Trainer:
     def state_dict(self) -> dict:
         """The trainer's own progress (DeepSpeed saves weights and optimizer)."""
         return {"progress": vars(self.p).copy(), "rank_map": dict(self.rank_map),
-                "tracker": self.tracker.state_dict(), "mode": self.cfg.run.mode}
+                "policy": self.policy.state_dict(), "mode": self.cfg.run.mode}
 
     def load_state_dict(self, d: dict) -> None:
         self.p = Progress(**d["progress"])
         self.rank_map = dict(d["rank_map"])
-        self.tracker.load_state_dict(d["tracker"])
+        # Checkpoints from before the policy held the history call it "tracker".
+        self.policy.load_state_dict(d["policy"] if "policy" in d else d["tracker"])
 
     # ------------------------------------------------------------------ stages
-    def _shape_model_for_stage(self) -> None:
-        if self.p.stage >= 2 and self.rank_map and not lora_modules(self.model):
-            inject_lora(self.model, self.rank_map, self.cfg.lora.alpha, self.cfg.lora.dropout)
-        if self.p.stage == 3:
-            freeze_base(self.model, self.cfg.prelora.stage3_trainable)
-        else:
-            unfreeze_all(self.model)
-        self.model.to(self.device)
-
     def trainable_count(self) -> int:
         return count_parameters(self.model, trainable_only=True)
 
-    def _rebuild(self, new_stage: int) -> None:
+    def rebuild(self, new_stage: int) -> tuple[int, int, int]:
+        """Collective: shape the model for ``new_stage`` and build its engine,
+        carrying optimizer state. Returns (trainable before, trainable after,
+        parameters whose optimizer state was carried)."""
         before = self.trainable_count()
         carried = None if self.cfg.prelora.reset_optimizer else extract_state(self.engine, self.model)
         destroy_engine(self.engine)
         self.engine = None
         self.p.stage = new_stage
-        self._shape_model_for_stage()
+        shape_for_stage(self.model, new_stage, self.rank_map, self.cfg).to(self.device)
         reset_peak_memory(self.device)
         self.engine = build_engine(self.model, self.cfg, self.dist)
         restored = restore_state(self.engine, self.model, carried) if carried else 0
@@ -201,13 +238,13 @@ class Trainer:
         return before, after, restored
 
     def _switch(self, new_stage: int, decision: Optional[Decision]) -> None:
-        before, after, restored = self._rebuild(new_stage)
+        before, after, restored = self.rebuild(new_stage)
         if new_stage == 2:
             self.p.switch_step = self.p.global_step
         pct = 100.0 * after / self.params_total
         why = decision.reason if decision else (
             f"{self.p.stage2_windows} warm-up window(s) of stage 2 done")
-        self.log.info(f"switch to {STAGE_NAMES[new_stage]} at step {self.p.global_step}: {why}")
+        self.log.info(f"switch to {stage_name(new_stage)} at step {self.p.global_step}: {why}")
         self.log.info(f"  trainable parameters {before:,} -> {after:,} "
                       f"({100.0 * before / self.params_total:.1f}% -> {pct:.1f}% of "
                       f"{self.params_total:,}); optimizer state carried for {restored} tensors")
@@ -230,76 +267,58 @@ class Trainer:
         self.save(tag=f"step{self.p.global_step:08d}-stage{new_stage}")
 
     # ------------------------------------------------------------- decisions
-    def _reduce_window_stats(self) -> tuple[torch.Tensor, float]:
-        """All-reduce this window's norm statistics and mean loss over ranks.
-
-        Returns per-module, per-layer Frobenius norms [modules, layers] and
-        the mean training loss of the window over all ranks.
-        """
-        sumsq = self.tracker.local_sumsq(self.model)
+    def window_stats(self) -> WindowStats:
+        """Collective: this window's statistics over all ranks."""
         local_loss = self.p.window_loss_sum / max(1, self.p.window_loss_count)
-        buf = torch.cat([sumsq.flatten(), torch.tensor([local_loss], dtype=torch.float64)])
-        buf = buf.to(self.device)
-        tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
-        buf = buf.cpu()
-        n = sumsq.numel()
-        # Replicated weights: every rank holds all of it, so average; ZeRO-3
-        # partitions: each rank holds a slice, so the sum is the whole.
-        sq = buf[:n] if self.tracker.sharded else buf[:n] / self.dist.world_size
-        return sq.view_as(sumsq).sqrt(), float(buf[n]) / self.dist.world_size
+        return reduce_window_stats(self.tracker, self.updates, self.model, local_loss,
+                                   self.dist.world_size, self.device)
 
-    def decide(self, norms: torch.Tensor, loss: float) -> Decision:
-        """Collective: rank 0 records the window and decides; all ranks
-        return rank 0's decision. ``norms``/``loss`` on other ranks are ignored."""
+    def decide(self, stats: WindowStats) -> Decision:
+        """Collective: rank 0's policy records the window and decides; all
+        ranks return rank 0's decision (``stats`` on other ranks are ignored)."""
         payload = [None]
         if self.dist.is_main:
-            self.tracker.record(norms, loss)
-            payload[0] = self._decide_on_rank0()
+            can_switch = self.cfg.run.mode == "prelora" and self.p.stage == 1
+            payload[0] = self.policy.observe(stats, can_switch)
         tdist.broadcast_object_list(payload, src=0)
         return payload[0]
 
-    def _decide_on_rank0(self) -> Decision:
-        pc = self.cfg.prelora
-        wn, losses = self.tracker.history()
-        d = Decision(switch=False)
-        if len(losses) >= 2:
-            dws, dls = window_changes(wn, losses)
-            d.dW = {m: v[-1] for m, v in dws.items()}
-            d.dL = dls[-1]
-        if self.cfg.run.mode != "prelora" or self.p.stage != 1:
-            return d
-        if not self.tracker.ready or self.tracker.windows_seen < pc.min_windows:
-            return d
-        if partial_convergence(wn, losses, pc.tau, pc.zeta):
-            ranks = assign_ranks(self.tracker.layer_changes(), pc.r_min, pc.r_max)
-            d.switch = True
-            d.rank_map = self.tracker.rank_map(ranks)
-            worst = max(abs(v) for vals in window_changes(wn, losses)[0].values() for v in vals)
-            worst_l = max(abs(v) for v in window_changes(wn, losses)[1])
-            d.reason = (f"partial convergence over the last {len(losses)} windows: "
-                        f"max |dW| {worst:.3f}% <= tau {pc.tau}%, "
-                        f"max |dL| {worst_l:.3f}% <= zeta {pc.zeta}%")
-        return d
-
     def _window_end(self) -> None:
-        norms, loss = self._reduce_window_stats()
-        decision = self.decide(norms, loss)
+        stats = self.window_stats()
+        decision = self.decide(stats)
+        loss = stats.loss
         self.p.windows_done += 1
         pc = self.cfg.prelora
         if self.dist.is_main:
+            # Past the switch the norms are of the effective weights
+            # W0 + s B A: what still moves once the base is frozen.
+            what = "dW" if self.p.stage == 1 else "dW(eff)"
             dw = ", ".join(f"{m} {v:+.3f}%" for m, v in decision.dW.items())
             dl = f"{decision.dL:+.3f}%" if decision.dL is not None else "n/a"
-            self.log.info(f"window {self.p.windows_done} [{STAGE_NAMES[self.p.stage]}] "
-                          f"step {self.p.global_step} loss {loss:.4f} | dW {dw or 'n/a'} "
-                          f"(tau {pc.tau}%) | dL {dl} (zeta {pc.zeta}%)")
+            du = ""
+            if decision.du:
+                du = " | update " + ", ".join(f"{m} {v:.3f}%" for m, v in decision.du.items())
+                if pc.criterion == "update":
+                    du += f" (tau_update {pc.tau_update}%)"
+            self.log.info(f"window {self.p.windows_done} [{stage_name(self.p.stage)}] "
+                          f"step {self.p.global_step} loss {loss:.4f} | {what} {dw or 'n/a'} "
+                          f"(tau {pc.tau}%) | dL {dl} (zeta {pc.zeta}%){du}")
             self.metrics.write("window", window=self.p.windows_done, step=self.p.global_step,
                                epoch=self.p.epoch, stage=self.p.stage, loss=loss,
-                               dW=decision.dW, dL=decision.dL, tau=pc.tau, zeta=pc.zeta,
-                               modules=self.tracker.module_names,
-                               norms=norms.tolist())
+                               dW=decision.dW, dL=decision.dL, du=decision.du or None,
+                               tau=pc.tau, zeta=pc.zeta, criterion=pc.criterion,
+                               tau_update=pc.tau_update, modules=self.tracker.module_names,
+                               norms=stats.norms.tolist(),
+                               base_norms=(stats.base_norms.tolist()
+                                           if stats.base_norms is not None else None),
+                               updates=(stats.updates.tolist()
+                                        if stats.updates is not None else None),
+                               energy_ranks=(stats.energy_ranks.tolist()
+                                             if stats.energy_ranks is not None else None))
             self.metrics.scalars(self.p.global_step, {
                 "window/loss": loss, "window/dL": decision.dL,
-                **{f"window/dW/{m}": v for m, v in decision.dW.items()}})
+                **{f"window/dW/{m}": v for m, v in decision.dW.items()},
+                **{f"window/update/{m}": v for m, v in decision.du.items()}})
         self.p.window_steps_done = 0
         self.p.window_loss_sum = 0.0
         self.p.window_loss_count = 0
@@ -320,12 +339,6 @@ class Trainer:
         tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
-    def _set_lr(self) -> float:
-        lr = lr_at(self.cfg, self.p.global_step, self.total_steps)
-        for g in _base_optimizer(self.engine).param_groups:
-            g["lr"] = lr
-        return lr
-
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[Optional[float], bool]:
         """Forward, backward and (at an accumulation boundary) an optimizer step
         on one micro batch. Returns (loss or None if skipped, stop requested)."""
@@ -339,14 +352,14 @@ class Trainer:
         nonfinite, stop = self._agree(not math.isfinite(value))
         if nonfinite:
             where = (f"non-finite loss at step {self.p.global_step} "
-                     f"(epoch {self.p.epoch}, {STAGE_NAMES[self.p.stage]})")
+                     f"(epoch {self.p.epoch}, {stage_name(self.p.stage)})")
             if self.cfg.run.on_nonfinite_loss == "stop":
                 raise NonFiniteLoss(where + "; the latest checkpoint is the last good state")
             self.p.skipped_steps += 1
             self.log.warn(where + f": step skipped ({self.p.skipped_steps} so far)")
             return None, stop
         if self.engine.is_gradient_accumulation_boundary():
-            self._set_lr()
+            set_lr(self.engine, lr_at(self.cfg, self.p.global_step, self.total_steps))
         self.engine.backward(loss)
         self.engine.step()
         return value, stop
@@ -422,10 +435,10 @@ class Trainer:
             now = time.perf_counter()
             ips = self._samples_since / max(now - self._t_last, 1e-9)
             self._t_last, self._samples_since = now, 0
-            lr = _base_optimizer(self.engine).param_groups[0]["lr"]
+            lr = current_lr(self.engine)
             eta = (self.total_steps - self.p.global_step) * self.global_batch / max(ips, 1e-9)
             if not self.log.bar_mode:
-                self.log.info(f"[{STAGE_NAMES[self.p.stage]}] epoch {self.p.epoch} step "
+                self.log.info(f"[{stage_name(self.p.stage)}] epoch {self.p.epoch} step "
                               f"{self.p.global_step}/{self.total_steps} loss "
                               f"{loss if loss is not None else float('nan'):.4f} lr {lr:.2e} "
                               f"{ips:.1f} img/s ETA {eta / 60:.1f} min")
@@ -455,7 +468,7 @@ class Trainer:
         self._last_eval_step = self.p.global_step
         ev = self.evaluate()
         mem = peak_memory_bytes(self.device)
-        self.log.info(f"epoch {self.p.epoch}/{cfg.run.epochs} [{STAGE_NAMES[self.p.stage]}] "
+        self.log.info(f"epoch {self.p.epoch}/{cfg.run.epochs} [{stage_name(self.p.stage)}] "
                       f"val loss {ev['val_loss']:.4f} top1 {ev['top1']:.2f}% "
                       f"top5 {ev['top5']:.2f}%")
         row = {"epoch": self.p.epoch, "step": self.p.global_step, "stage": self.p.stage,
@@ -465,12 +478,14 @@ class Trainer:
         self.metrics.scalars(self.p.global_step, {f"eval/{k}": v for k, v in ev.items()})
 
     def _stop_for_walltime(self) -> int:
-        name = self.stop.name if self.stop and self.stop.name else "a signal on another rank"
+        # Every rank gets here at the same step; agreeing on the signal gives
+        # all of them the same exit code (Ctrl-C: 130, walltime: resubmit).
+        name, code, then = StopSignal.outcome(self.stop.agree(self.device))
         self.log.info(f"stopping at step {self.p.global_step} on {name}: writing a checkpoint, "
-                      f"exit code {EXIT_RESUBMIT} asks the job script to resubmit")
+                      f"exit code {code} {then}")
         self.save()
         self.metrics.write("stop", step=self.p.global_step, signal=name)
-        return EXIT_RESUBMIT
+        return code
 
     def _finish(self, wall_s: float) -> None:
         if self._last_eval_step != self.p.global_step:
@@ -480,7 +495,7 @@ class Trainer:
                            stage=self.p.stage, wall_s=wall_s,
                            trainable_params=self.trainable_count(),
                            params_total=self.params_total, skipped_steps=self.p.skipped_steps)
-        self.log.info(f"done: {self.p.global_step} steps, {STAGE_NAMES[self.p.stage]}, "
+        self.log.info(f"done: {self.p.global_step} steps, {stage_name(self.p.stage)}, "
                       f"{wall_s:.1f} s")
 
     def _log_start(self, point) -> None:
@@ -495,7 +510,7 @@ class Trainer:
             f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps in all; window "
             f"{self.window_steps} steps")
         self.log.info(f"model {cfg.model.name}: {self.params_total:,} parameters, "
-                      f"{self.trainable_count():,} trainable, {STAGE_NAMES[self.p.stage]}")
+                      f"{self.trainable_count():,} trainable, {stage_name(self.p.stage)}")
         self.metrics.write("start", mode=cfg.run.mode, world_size=self.dist.world_size,
                            global_batch=self.global_batch, steps_per_epoch=self.steps_per_epoch,
                            total_steps=self.total_steps, window_steps=self.window_steps,

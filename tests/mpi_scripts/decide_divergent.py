@@ -13,6 +13,7 @@ import torch
 
 from prelora_hpc.config import load_config
 from prelora_hpc.launch import init_distributed
+from prelora_hpc.stages import WindowStats
 from prelora_hpc.train import Trainer
 
 
@@ -34,7 +35,7 @@ def main():
         else:
             norms = torch.full(shape, 10.0 * (1.5 ** w), dtype=torch.float64)
             loss = 2.0 / (1.5 ** w)
-        d = t.decide(norms, loss)
+        d = t.decide(WindowStats(norms, loss))
         decisions.append({"switch": d.switch, "rank_map": d.rank_map})
     t.close()
     with open(f"{out}/decide_rank{dist.rank}.json", "w") as f:

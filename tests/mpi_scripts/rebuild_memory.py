@@ -38,7 +38,7 @@ def main():
     y = torch.randint(0, cfg.model.num_classes, (cfg.deepspeed.micro_batch_size,))
     series = []
     for stage in (2, 3, 2, 3, 2, 3):
-        t._rebuild(stage)
+        t.rebuild(stage)
         for _ in range(2):
             t.train_step(x, y)
         gc.collect()
