@@ -5,25 +5,36 @@ Layout under the run directory::
     checkpoints/
       latest                      tag of the newest complete checkpoint
       step00000120/               DeepSpeed's files (collective save) +
-        prelora.json              sidecar: stage, step, rank map, config keys
+        prelora.json              sidecar: stage, step, rank map, config keys,
+                                  size and CRC-32 of every file
         rng_rank00000.pt ...      per-rank RNG states
       step00000200-stage3/        a stage-switch checkpoint (kept forever)
+      step00000124.saving/        a checkpoint being written (never resumed)
+      step00000096.damaged/       one that failed verification, set aside
 
 The sidecar is read before the engine is built, so a resume in stage 2 or 3
 first injects LoRA with the saved ranks and freezes what was frozen, then
-loads DeepSpeed's state into an engine of the same shape. ``latest`` moves
-only after every rank has finished writing (a barrier, then an atomic
-rename by rank 0): a job killed mid-save leaves the previous checkpoint as
-latest.
+loads DeepSpeed's state into an engine of the same shape.
+
+A save writes into ``TAG.saving``; each rank then checksums and fsyncs the
+files it wrote (in parallel), rank 0 gathers the sizes and checksums into
+the sidecar, fsyncs, renames the directory to ``TAG`` and only then moves
+``latest``. A job killed mid-save, or a save that fails (a full disk), leaves
+the previous checkpoint as latest. A resume verifies sizes and checksums
+(again split over the ranks) before DeepSpeed reads anything, and falls back
+to the newest checkpoint that verifies.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
 import shutil
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +46,22 @@ from .config import Config, ConfigError, config_to_dict
 
 SIDECAR = "prelora.json"
 LATEST = "latest"
+#: Suffix of a checkpoint directory while it is written.
+SAVING = ".saving"
+#: Suffix given to a checkpoint directory that failed verification.
+DAMAGED = ".damaged"
+_CHUNK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint: a damaged one named explicitly, or none that
+    verifies. Raised alike on every rank."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (no space left, a quota, an I/O
+    error). Raised alike on every rank, after the partial directory is gone
+    and with ``latest`` untouched."""
 
 #: Config keys whose change makes a checkpoint unusable: they decide the
 #: shapes and names of what was saved.
@@ -65,6 +92,10 @@ class ResumePoint:
     global_step: int
     rank_map: dict[str, int]
     fingerprint: dict
+    files: Optional[dict] = None
+    """name -> {"size", "crc32"} as written; None in a sidecar older than checksums."""
+    notes: list[str] = field(default_factory=list)
+    """What a resume skipped on the way to this checkpoint, one line each."""
 
     @property
     def load_dir(self) -> Path:
@@ -72,53 +103,228 @@ class ResumePoint:
 
 
 def checkpoint_root(run_dir: Path) -> Path:
+    """The directory holding a run's checkpoints and ``latest``."""
     return Path(run_dir) / "checkpoints"
 
 
 def read_resume_point(path: Path) -> ResumePoint:
-    """Read a tag directory's sidecar; raises FileNotFoundError naming it."""
+    """Read a tag directory's sidecar; raises FileNotFoundError naming it,
+    CheckpointError when it is unreadable."""
     path = Path(path)
     side = path / SIDECAR
     if not side.is_file():
         raise FileNotFoundError(f"{path} is not a complete prelora checkpoint (no {SIDECAR})")
-    meta = json.loads(side.read_text())
-    return ResumePoint(path, path.name, int(meta["stage"]), int(meta["global_step"]),
-                       {k: int(v) for k, v in meta["rank_map"].items()}, meta["fingerprint"])
+    try:
+        meta = json.loads(side.read_text())
+        return ResumePoint(path, path.name, int(meta["stage"]), int(meta["global_step"]),
+                           {k: int(v) for k, v in meta["rank_map"].items()},
+                           meta["fingerprint"], meta.get("files"))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint file {side} is damaged (unreadable: "
+                              f"{type(e).__name__}: {e})") from None
 
 
-def find_resume(cfg: Config, explicit: Optional[str] = None) -> Optional[ResumePoint]:
-    """The checkpoint this run resumes from, or None for a fresh start.
+def file_digest(path: Path, fsync: bool = False) -> dict:
+    """``{"size", "crc32"}`` of a file, streamed; with ``fsync`` also forces
+    it to stable storage (the data was just written: it is read from the
+    page cache, so the checksum costs little beside the write)."""
+    crc = 0
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                break
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return {"size": size, "crc32": f"{crc:08x}"}
 
-    ``explicit`` (``--resume PATH``) wins; else ``checkpoint.resume``:
-    'auto' takes the run directory's ``latest``, 'never' none, anything
-    else is a tag directory. Refuses (ConfigError naming the differing
-    keys) a checkpoint whose model or module set differs from ``cfg``.
+
+def file_owner(name: str, world_size: int) -> int:
+    """The rank that writes (and checksums) checkpoint file ``name``.
+
+    DeepSpeed's per-rank files carry the data-parallel rank in their name
+    (``zero_pp_rank_3_...``), ours the global rank (``rng_rank00003.pt``);
+    rank 0 writes the rest (``mp_rank_00_model_states.pt``).
     """
-    choice = explicit or cfg.checkpoint.resume
-    if choice == "never":
-        return None
-    if choice == "auto":
-        latest = checkpoint_root(cfg.run.output_dir) / LATEST
-        if not latest.is_file():
-            return None
-        point = read_resume_point(latest.parent / latest.read_text().strip())
-    else:
-        p = Path(choice)
-        if (p / LATEST).is_file():
-            p = p / (p / LATEST).read_text().strip()
-        elif (p / "checkpoints" / LATEST).is_file():
-            p = p / "checkpoints" / (p / "checkpoints" / LATEST).read_text().strip()
-        point = read_resume_point(p)
+    m = re.search(r"(?:zero_pp_rank_|rng_rank)(\d+)", name)
+    return int(m.group(1)) % world_size if m else 0
+
+
+def verify(point: ResumePoint, part: tuple[int, int] = (0, 1)) -> list[str]:
+    """Problems with the checkpoint's files, one line each (empty: it verifies).
+
+    ``part = (i, n)`` checks only every n-th file from the i-th (sorted by
+    name), so n ranks verify a checkpoint in parallel. A sidecar without
+    checksums (an older checkpoint) checks nothing.
+    """
+    if point.files is None:
+        return []
+    i, n = part
+    problems = []
+    for name in sorted(point.files)[i::n]:
+        want = point.files[name]
+        f = point.path / name
+        if not f.is_file():
+            problems.append(f"checkpoint file {f} is missing")
+            continue
+        size = f.stat().st_size
+        if size != want["size"]:
+            problems.append(f"checkpoint file {f} is damaged ({size} bytes, "
+                            f"{want['size']} written)")
+            continue
+        got = file_digest(f)["crc32"]
+        if got != want["crc32"]:
+            problems.append(f"checkpoint file {f} is damaged (CRC-32 {got}, "
+                            f"{want['crc32']} written)")
+    return problems
+
+
+def _resolve_explicit(choice: str) -> Path:
+    p = Path(choice)
+    if (p / LATEST).is_file():
+        return p / (p / LATEST).read_text().strip()
+    if (p / "checkpoints" / LATEST).is_file():
+        return p / "checkpoints" / (p / "checkpoints" / LATEST).read_text().strip()
+    return p
+
+
+def _candidates(cfg: Config, choice: str) -> tuple[list[Path], list[str]]:
+    """Tag directories to try, newest first, and notes on what is off."""
+    if choice != "auto":
+        return [_resolve_explicit(choice)], []
+    root = checkpoint_root(cfg.run.output_dir)
+    latest = root / LATEST
+    if not latest.is_file():
+        return [], []
+    notes = []
+    first = root / latest.read_text().strip()
+    if not (first / SIDECAR).is_file():
+        notes.append(f"{latest} names {first}, which is not a complete checkpoint")
+        first = None
+    others = sorted((p for p in root.iterdir()
+                     if p.is_dir() and p.name.startswith("step") and "." not in p.name
+                     and p != first and (p / SIDECAR).is_file()),
+                    key=lambda p: p.name, reverse=True)
+    return ([first] if first else []) + others, notes
+
+
+def _check_fits(cfg: Config, point: ResumePoint) -> None:
     now = compat_fingerprint(cfg)
     diff = [k for k in COMPAT_KEYS if point.fingerprint.get(k) != now[k]]
     if diff:
         details = ", ".join(f"{k}: checkpoint {point.fingerprint.get(k)!r} vs config {now[k]!r}"
                             for k in diff)
         raise ConfigError(f"checkpoint {point.path} does not fit this config ({details})")
+
+
+def _read_all(cfg: Config, choice: str) -> tuple[list, list[str]]:
+    """[(tag directory, its point or the error reading it raised)], notes; no collectives."""
+    paths, notes = _candidates(cfg, choice)
+    out = []
+    for path in paths:
+        try:
+            point = read_resume_point(path)
+            _check_fits(cfg, point)
+            out.append((path, point))
+        except CheckpointError as e:
+            out.append((path, e))
+        except (ConfigError, FileNotFoundError) as e:
+            if choice != "auto" or not out:
+                # The checkpoint the run would resume from does not fit or
+                # does not exist: a user's mistake, said as such.
+                out.append((path, e))
+                break
+            notes.append(str(e))
+    return out, notes
+
+
+def find_resume(cfg: Config, explicit: Optional[str] = None, *, rank: int = 0,
+                world_size: int = 1) -> Optional[ResumePoint]:
+    """The checkpoint this run resumes from, verified, or None for a fresh start.
+
+    ``explicit`` (``--resume PATH``) wins; else ``checkpoint.resume``:
+    'auto' takes the run directory's ``latest``, 'never' none, anything
+    else is a tag directory. Refuses (ConfigError naming the differing
+    keys) a checkpoint whose model or module set differs from ``cfg``.
+
+    Every file is checked against the sizes and checksums in the sidecar
+    before anything is loaded. With 'auto', a damaged checkpoint is set
+    aside (renamed ``TAG.damaged``), ``latest`` moves to the newest one that
+    verifies and the point's ``notes`` say so; an explicit damaged one, or
+    none that verifies, raises CheckpointError naming the damaged file.
+
+    With ``world_size > 1`` this is a collective: every rank calls it, rank
+    0 reads the directory and the sidecars, the ranks verify a share of the
+    files each, and all return the same answer (or raise the same error).
+    """
+    choice = explicit or cfg.checkpoint.resume
+    if choice == "never":
+        return None
+    collective = world_size > 1
+    payload = [None]
+    if rank == 0:
+        payload[0] = _read_all(cfg, choice)
+    if collective:
+        tdist.broadcast_object_list(payload, src=0)
+    items, notes = payload[0]
+    if not items:
+        return None
+    damaged: list[tuple[Path, list[str]]] = []
+    point = None
+    for path, item in items:
+        if isinstance(item, (ConfigError, FileNotFoundError)):
+            raise type(item)(str(item))
+        if isinstance(item, CheckpointError):
+            problems = [str(item)]
+        else:
+            problems = verify(item, (rank, world_size))
+            if collective:
+                gathered = [None] * world_size
+                tdist.all_gather_object(gathered, problems)
+                problems = [p for ps in gathered for p in ps]
+        if not problems:
+            point = item
+            break
+        if choice != "auto":
+            raise CheckpointError(f"{problems[0]}; refusing to resume from it "
+                                  "(checkpoint.resume=auto resumes from the newest one that "
+                                  "verifies)")
+        damaged.append((path, problems))
+    if point is None:
+        root = checkpoint_root(cfg.run.output_dir)
+        what = "; ".join(ps[0] for _, ps in damaged)
+        raise CheckpointError(f"no checkpoint in {root} verifies ({what}); nothing was loaded: "
+                              "restore the files, or start over with checkpoint.resume=never "
+                              "or another --output-dir")
+    for path, problems in damaged:
+        more = f" ({len(problems) - 1} more)" if len(problems) > 1 else ""
+        notes.append(f"{problems[0]}{more}; set aside as {path.name + DAMAGED}; resuming from "
+                     f"{point.path}, the newest checkpoint that verifies")
+    if rank == 0 and damaged:
+        for path, _ in damaged:
+            _set_aside(path)
+        _atomic_write(point.load_dir / LATEST, point.tag)
+    if point.files is None:
+        notes.append(f"checkpoint {point.path} has no checksums (written by an older "
+                     "version): not verified")
+    point.notes = notes
     return point
 
 
+def _set_aside(path: Path) -> None:
+    target = path.with_name(path.name + DAMAGED)
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}{DAMAGED}{n}")
+    os.replace(path, target)
+
+
 def rng_state() -> dict:
+    """This process's Python, NumPy, torch (and CUDA) RNG states."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -127,6 +333,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -134,26 +341,141 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+#: Messages of torch / DeepSpeed write failures that carry no errno.
+_WRITE_FAILURE = re.compile(r"iostream error|file write failed|No space left|unexpected pos|"
+                            r"PytorchStreamWriter", re.I)
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError)
+                                      and bool(_WRITE_FAILURE.search(str(e))))
+
+
+def _newest_own_file(directory: Path, rank: int, world_size: int) -> Optional[Path]:
+    try:
+        mine = [p for p in directory.iterdir()
+                if p.is_file() and file_owner(p.name, world_size) == rank]
+    except OSError:
+        return None
+    return max(mine, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def _describe_write_failure(e: BaseException, directory: Path, rank: int,
+                            world_size: int) -> str:
+    """'no space left on the device writing PATH (N bytes free)' or the like."""
+    path = getattr(e, "filename", None) or _newest_own_file(directory, rank, world_size) \
+        or directory
+    try:
+        free = shutil.disk_usage(directory.parent).free
+    except OSError:
+        free = None
+    code = getattr(e, "errno", None)
+    # torch's writers drop the errno; a file system with (nearly) nothing
+    # left tells the same story.
+    if code == errno.ENOSPC or (code is None and free is not None and free < (1 << 20)):
+        return f"no space left on the device writing {path} ({free} bytes free)"
+    if code == errno.EDQUOT:
+        return f"disk quota exceeded writing {path}"
+    reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+    return f"could not write {path}: {reason}"
+
+
+def _seal_own_files(directory: Path, rank: int, world_size: int) -> dict:
+    """Checksum and fsync the files of ``directory`` this rank wrote."""
+    return {p.name: file_digest(p, fsync=True) for p in sorted(directory.iterdir())
+            if p.is_file() and file_owner(p.name, world_size) == rank}
+
+
 def save(engine, cfg: Config, rank: int, tag: str, client_state: dict,
          stage: int, global_step: int, rank_map: dict[str, int]) -> Path:
     """Collective: every rank writes its part, then rank 0 seals the checkpoint.
 
     Returns the tag directory. ``latest`` points at it only once all ranks
-    are done; older periodic checkpoints beyond ``checkpoint.keep_last`` are
-    removed then (stage-switch checkpoints are kept).
+    have written, checksummed and fsynced their files; older periodic
+    checkpoints beyond ``checkpoint.keep_last`` are removed then
+    (stage-switch checkpoints are kept). A write that fails on any rank (a
+    full disk) raises CheckpointWriteError on every rank, after the partial
+    directory is removed; ``latest`` stays on the previous checkpoint.
     """
+    world = tdist.get_world_size()
     root = checkpoint_root(cfg.run.output_dir)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
-    tdist.barrier()
+    staging = root / (tag + SAVING)
     if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        # Left by a job killed mid-save; the run lock says no one else writes here.
+        for p in root.glob("*" + SAVING):
+            shutil.rmtree(p, ignore_errors=True)
+    tdist.barrier()
+    error, files, in_deepspeed = None, {}, True
+    try:
+        engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state,
+                               save_latest=False)
+        in_deepspeed = False
+        torch.save(rng_state(), staging / f"rng_rank{rank:05d}.pt")
+        files = _seal_own_files(staging, rank, world)
+    except (OSError, RuntimeError) as e:
+        if not _is_write_failure(e):
+            raise
+        error = _describe_write_failure(e, staging, rank, world)
+        if in_deepspeed:
+            # DeepSpeed's save ends with a barrier the other ranks are in;
+            # join it, so the collectives below line up.
+            tdist.barrier()
+    gathered = [None] * world
+    tdist.all_gather_object(gathered, (error, files))
+    errors = [e for e, _ in gathered if e]
+    if not errors and rank == 0:
+        manifest = {}
+        for _, f in gathered:
+            manifest.update(f)
         meta = {"stage": stage, "global_step": global_step, "rank_map": rank_map,
-                "fingerprint": compat_fingerprint(cfg)}
-        _atomic_write(root / tag / SIDECAR, json.dumps(meta, indent=1))
-        _atomic_write(root / LATEST, tag)
+                "fingerprint": compat_fingerprint(cfg), "checksum": "crc32", "files": manifest}
+        try:
+            _seal(root, staging, tag, meta)
+        except OSError as e:
+            errors.append(_describe_write_failure(e, staging, 0, world))
+    verdict = [errors[0] if errors else None]
+    tdist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            latest = root / LATEST
+            where = (f"latest still names {latest.read_text().strip()}" if latest.is_file()
+                     else "no earlier checkpoint")
+        else:
+            where = ""
+        tdist.barrier()
+        msg = [f"checkpoint {tag} not written: {verdict[0]}; the partial checkpoint was "
+               f"removed, {where}"]
+        tdist.broadcast_object_list(msg, src=0)
+        raise CheckpointWriteError(msg[0])
+    if rank == 0:
         _prune(root, cfg.checkpoint.keep_last, keep=tag)
     tdist.barrier()
     return root / tag
+
+
+def _seal(root: Path, staging: Path, tag: str, meta: dict) -> None:
+    """Rank 0: sidecar, then the directory's final name, then ``latest``;
+    each made durable before the next (a crash in between leaves the
+    previous checkpoint as latest)."""
+    _atomic_write(staging / SIDECAR, json.dumps(meta, indent=1))
+    final = root / tag
+    old = root / (tag + ".old")
+    if final.exists():
+        # Saving a step that is already on disk (a resume at the very end).
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(staging, final)
+    _fsync_dir(root)
+    try:
+        _atomic_write(root / LATEST, tag)
+    except OSError:
+        shutil.rmtree(final, ignore_errors=True)
+        if old.exists():
+            os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load(engine, point: ResumePoint, rank: int) -> dict:
@@ -170,16 +492,37 @@ def load(engine, point: ResumePoint, rank: int) -> dict:
     return client
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # Some file systems cannot fsync a directory; their renames are
+        # durable by other means.
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:
     periodic = sorted(p for p in root.iterdir()
                       if p.is_dir() and p.name.startswith("step") and "-stage" not in p.name
-                      and (p / SIDECAR).is_file())
+                      and "." not in p.name and (p / SIDECAR).is_file())
     for p in periodic[:-keep_last]:
         if p.name != keep:
             shutil.rmtree(p, ignore_errors=True)

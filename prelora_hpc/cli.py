@@ -18,19 +18,61 @@ from . import launch  # noqa: F401  (imports mpi4py before torch, see launch.py)
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prelora-train",
-        description="Train a ViT with PreLoRA (or the full/lora baselines) on MPI ranks.")
+        description="Train a ViT with PreLoRA (or the full/lora baselines) on MPI ranks.",
+        epilog="Exit status: 0 done, 85 stopped by a walltime signal after a checkpoint "
+               "(resubmit), 130 stopped by Ctrl-C after a checkpoint (rerun to resume), "
+               "74 a checkpoint could not be written (no space left), 75 the output "
+               "directory is in use by another run, 2 config error, 1 other errors.")
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("--output-dir", help="run directory (the same as run.output_dir)")
     p.add_argument("--resume", help="checkpoint directory to resume from "
                    "(default: the run directory's latest, if any)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="config overrides; they win over the file")
+                   help="config overrides, before or after the options; they win over the file")
     return p
 
 
+def _lock_run(run_dir: str, dist):
+    """Collective: rank 0 takes the run directory's lock; every rank learns
+    the outcome. Returns (lock on rank 0 or None, error line or None, exit code)."""
+    import torch.distributed as tdist
+
+    from .launch import EXIT_LOCKED, job_id
+    from .runlock import RunLock, RunLocked
+
+    lock, verdict = None, [(None, 0, None)]
+    if dist.is_main:
+        try:
+            lock = RunLock(run_dir, job=job_id()).acquire()
+            verdict[0] = (None, 0, lock.note)
+        except RunLocked as e:
+            verdict[0] = (str(e), EXIT_LOCKED, None)
+        except OSError as e:
+            verdict[0] = (f"cannot use the run directory {run_dir}: {e.strerror or e}", 1, None)
+    tdist.broadcast_object_list(verdict, src=0)
+    error, code, note = verdict[0]
+    if note and dist.is_main:
+        print(f"[prelora] {note}", flush=True)
+    return lock, error, code
+
+
 def train_main(argv: Optional[list[str]] = None) -> int:
-    """``prelora-train``: returns 0 when done, 85 when stopped for walltime, 1 on error."""
-    args = _train_parser().parse_args(argv)
+    """``prelora-train``: returns 0 when done, 85 when stopped for walltime,
+    130 when stopped by Ctrl-C, 74 when a checkpoint could not be written,
+    75 when the run directory is in use, 2 on a config error, 1 on other errors."""
+    from .launch import StopSignal
+
+    # First of all: a Ctrl-C from here on stops the run cleanly, never with a
+    # KeyboardInterrupt traceback per rank.
+    stop = StopSignal().install()
+    try:
+        return _train(argv, stop)
+    finally:
+        stop.restore()
+
+
+def _train(argv: Optional[list[str]], stop) -> int:
+    args = _train_parser().parse_intermixed_args(argv)
     from .config import ConfigError, load_config
 
     overrides = list(args.overrides)
@@ -42,31 +84,41 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         print(f"prelora-train: config error: {e}", file=sys.stderr)
         return 2
 
-    from .launch import StopSignal, abort, finish, init_distributed
+    from .checkpoint import CheckpointError, CheckpointWriteError
+    from .launch import EXIT_CHECKPOINT_WRITE, abort, finish, init_distributed
 
-    stop = StopSignal().install()
     dist = init_distributed(cfg.run.collective_timeout_s)
+    lock, error, code = _lock_run(cfg.run.output_dir, dist)
+    if error:
+        if dist.is_main:
+            print(f"prelora-train: error: {error}", file=sys.stderr, flush=True)
+        finish()
+        return code
     from .train import NonFiniteLoss, Trainer
 
     trainer = None
     try:
         trainer = Trainer(cfg, dist, resume=args.resume, stop=stop)
         code = trainer.train()
-    except NonFiniteLoss as e:
-        # Every rank agreed on it (the loss check is all-reduced): a clean
-        # exit everywhere, no abort needed.
+        if code == 0:
+            _report_late_signal(stop, dist)
+    except (NonFiniteLoss, CheckpointError, CheckpointWriteError) as e:
+        # Every rank agreed on it (the loss check, the verification and the
+        # save are collective): a clean exit everywhere, no abort needed.
         if dist.is_main:
             print(f"prelora-train: error: {e}", file=sys.stderr, flush=True)
         if trainer is not None:
             trainer.close()
             trainer = None
         finish()
-        return 1
+        return EXIT_CHECKPOINT_WRITE if isinstance(e, CheckpointWriteError) else 1
     except Exception as e:  # noqa: BLE001 - any error must end all ranks
         # One line saying what and where; MPI_Abort so no peer waits forever
         # in a collective this rank will never join.
         if not isinstance(e, (ConfigError, ValueError, FileNotFoundError, OSError)):
             traceback.print_exc()
+        if lock is not None:
+            lock.release()      # MPI_Abort ends this process before `finally`
         abort(f"{type(e).__name__}: {e}", 1)
         return 1
     else:
@@ -77,7 +129,20 @@ def train_main(argv: Optional[list[str]] = None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-        stop.restore()
+        if lock is not None:
+            lock.release()
+
+
+def _report_late_signal(stop, dist) -> None:
+    """A stop signal that came while the run was finishing changes nothing
+    (the run is complete), but it is said, never dropped silently."""
+    from .launch import StopSignal
+
+    signum = stop.agree(dist.device)
+    if signum is not None and dist.is_main:
+        name = StopSignal.outcome(signum)[0]
+        print(f"[prelora] {name} arrived while the run was finishing: the run is complete and "
+              "its final checkpoint written, exit code 0", flush=True)
 
 
 def convert_main(argv: Optional[list[str]] = None) -> int:

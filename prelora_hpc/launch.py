@@ -35,6 +35,15 @@ import torch  # noqa: E402
 #: Exit code of a run stopped by a walltime signal after checkpointing; job
 #: scripts resubmit on it.
 EXIT_RESUBMIT = 85
+#: Exit code of a run stopped by Ctrl-C (SIGINT) after checkpointing, as a
+#: shell reports a command ended by SIGINT; rerunning the command resumes.
+EXIT_INTERRUPTED = 130
+#: Exit code of a run that could not write a checkpoint (no space left, a
+#: quota, an I/O error); job scripts never resubmit on it: a rerun would
+#: fail the same way until space is freed.
+EXIT_CHECKPOINT_WRITE = 74
+#: Exit code of a run refused because another run holds its output directory.
+EXIT_LOCKED = 75
 
 
 @dataclass
@@ -155,14 +164,17 @@ def abort(message: str, code: int = 1) -> None:
 
 
 class StopSignal:
-    """Records a walltime warning (SIGTERM from PBS, SIGUSR1 from Slurm's
-    ``--signal``) so the trainer can stop at the next step boundary.
+    """Records a stop request so the trainer can stop at the next step boundary.
 
-    The handler only sets a flag: the trainer all-reduces it, so every rank
-    stops at the same step even when the signal reached only some of them.
+    The walltime warnings (SIGTERM from PBS, SIGUSR1 from Slurm's
+    ``--signal``) and Ctrl-C (SIGINT) all stop the same way: the handler only
+    sets a flag; the trainer all-reduces it, so every rank stops at the same
+    step even when the signal reached only some of them, writes a checkpoint
+    and exits (``exit_code``). A second SIGINT ends the process at once, with
+    one line and exit 130, and no checkpoint beyond the last complete one.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
@@ -174,7 +186,16 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            # The user insists: no checkpoint, no traceback. os._exit skips
+            # interpreter teardown, which could block on a peer's collective.
+            print(f"[rank {MPI.COMM_WORLD.Get_rank()}] second interrupt: stopping now without "
+                  "a checkpoint (the last complete one stays the latest)",
+                  file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)
+        # A user's Ctrl-C wins over a walltime warning: it must not resubmit.
+        if self.received != signal.SIGINT:
+            self.received = signum
 
     def restore(self) -> None:
         for s, h in self._previous.items():
@@ -184,3 +205,32 @@ class StopSignal:
     @property
     def name(self) -> Optional[str]:
         return signal.Signals(self.received).name if self.received else None
+
+    def agree(self, device: torch.device) -> Optional[int]:
+        """Collective: the stop signal every rank acts on (SIGINT wins), or None.
+
+        A signal that reached some ranks only, or a different one per rank,
+        gives every rank the same answer, hence the same exit code.
+        """
+        kind = 0 if self.received is None else 2 if self.received == signal.SIGINT else 1
+        t = torch.tensor([kind, self.received or 0], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        kind, signum = int(t[0]), int(t[1])
+        if kind == 0:
+            return None
+        # With kind 1 no rank saw SIGINT: any walltime signal means the same.
+        return int(signal.SIGINT) if kind == 2 else signum
+
+    @staticmethod
+    def outcome(signum: Optional[int]) -> tuple[str, int, str]:
+        """(signal name, exit code, what comes next) of a run that ``signum``
+        stopped after a checkpoint."""
+        if signum == signal.SIGINT:
+            return "SIGINT", EXIT_INTERRUPTED, "rerun the same command to resume"
+        name = signal.Signals(signum).name if signum else "a stop request"
+        return name, EXIT_RESUBMIT, "asks the job script to resubmit"
+
+
+def job_id() -> Optional[str]:
+    """The batch scheduler's id of this job (PBS_JOBID, SLURM_JOB_ID), or None."""
+    return os.environ.get("PBS_JOBID") or os.environ.get("SLURM_JOB_ID") or None

@@ -7,8 +7,10 @@
 #
 #   --exit-code RC     prelora-train's exit status. Only 85 (stopped on a
 #                      walltime signal after writing a checkpoint) resubmits;
-#                      0 (finished) and anything else (a failure, which a rerun
-#                      would repeat) do not.
+#                      0 (finished), 130 (stopped by Ctrl-C), 74 (a checkpoint
+#                      could not be written: no space left), 75 (the run
+#                      directory is in use by another run) and anything else (a
+#                      failure, which a rerun would repeat) do not.
 #   --stop-file PATH   if PATH exists, do not resubmit this once, and remove it
 #                      (touch RUN_DIR/NO_RESUBMIT before qdel/scancel to end a
 #                      chain: the trainer checkpoints on those signals too)
@@ -41,7 +43,7 @@ die() { echo "resubmit.sh: $*" >&2; exit 2; }
 say() { echo "resubmit.sh: $*"; }
 quoted() { printf '%q' "$1"; shift; [ $# -eq 0 ] || printf ' %q' "$@"; echo; }
 
-EXIT_RESUBMIT=85
+EXIT_RESUBMIT=85 EXIT_CHECKPOINT_WRITE=74 EXIT_LOCKED=75 EXIT_INTERRUPTED=130
 dry_run=0 rc="" stop_file="" vars=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -66,6 +68,12 @@ script=$1
 if [ "$rc" -ne "$EXIT_RESUBMIT" ]; then
     if [ "$rc" -eq 0 ]; then
         say "training finished (exit 0): no resubmission"
+    elif [ "$rc" -eq "$EXIT_CHECKPOINT_WRITE" ]; then
+        say "a checkpoint could not be written (exit $rc, e.g. no space left on the run directory's file system): no resubmission; free space, then submit again (the run resumes from its last complete checkpoint)"
+    elif [ "$rc" -eq "$EXIT_LOCKED" ]; then
+        say "the run directory is in use by another run (exit $rc): no resubmission"
+    elif [ "$rc" -eq "$EXIT_INTERRUPTED" ]; then
+        say "stopped by an interrupt after a checkpoint (exit $rc): no resubmission"
     else
         say "training failed (exit $rc): no resubmission; fix the cause, then submit again (the run resumes from its last checkpoint)"
     fi
