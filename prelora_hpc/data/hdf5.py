@@ -21,6 +21,7 @@ from PIL import Image
 
 from .errors import DataError
 from .layout import DATASETS, FORMAT_VERSION, SHARD_GLOB, SHARD_RE, shard_name
+from .seeding import seeded_rng
 
 ON_BAD_SAMPLE = ("fail", "skip")
 _MAX_SUBSTITUTES = 16  # consecutive bad samples beyond this mean a broken file, not bad luck
@@ -122,6 +123,10 @@ def read_metadata(path: str | Path, split: str) -> tuple[list[Path], list[str], 
 class HDF5ImageDataset(torch.utils.data.Dataset):
     """Images and labels of one split; ``ds[i]`` is ``(transform(rgb_image), label)``.
 
+    ``ds[(i, seed)]`` is the same with the transform's randomness seeded
+    from ``seed`` (see ShardedSampler's with_seeds): the same pair gives
+    the same tensor in any process.
+
     path: an .h5 file or a directory of shards (concatenated in order).
     transform: applied to the decoded RGB ``PIL.Image``; None returns the image.
     on_bad_sample: 'fail' raises DataError naming file, split and index when
@@ -197,7 +202,8 @@ class HDF5ImageDataset(torch.utils.data.Dataset):
                 where += f" (sample {index} of the set)"
             raise DataError(f"{where}: cannot decode image: {type(e).__name__}: {e}") from e
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
         n = len(self)
         if not 0 <= index < n:
             raise IndexError(f"{self.path}: index {index} out of range for {self.split} ({n} samples)")
@@ -213,5 +219,9 @@ class HDF5ImageDataset(torch.utils.data.Dataset):
                 i = (i + 1) % n
                 print(f"warning: {e}; using sample {i} instead", file=sys.stderr, flush=True)
         if self.transform is not None:
-            img = self.transform(img)
+            if seed is None:
+                img = self.transform(img)
+            else:
+                with seeded_rng(seed):
+                    img = self.transform(img)
         return img, int(self.labels[i])

@@ -2,7 +2,9 @@
 
 Every rank builds its own loaders from the same config and seed; the
 sampler gives each rank a disjoint slice of one shared permutation, so no
-collective is needed to agree on the data order.
+collective is needed to agree on the data order. Training samples carry
+their augmentation seed, a function of (seed, epoch, sample index), so the
+augmented stream does not depend on the worker or the resume point.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..config import DataConfig, ModelConfig
 from .digits import ensure_digits_hdf5
 from .errors import DataError
 from .hdf5 import HDF5ImageDataset, read_metadata
-from .seeding import mix_seed
+from .seeding import mix_seed, sample_seed
 from .synthetic import SyntheticImageDataset
 from .transforms import build_transform
 
@@ -37,16 +39,21 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
     more batch would wait forever in a collective). drop_last=False (for
     validation) covers every index once; ranks may then differ by one
     sample, nothing is padded, so sums and counts must be all-reduced.
+
+    with_seeds=True yields ``(index, sample_seed(seed, epoch, index))``
+    pairs instead of indices: the dataset seeds the sample's augmentation
+    from the pair (HDF5ImageDataset and SyntheticImageDataset take both).
     """
 
     def __init__(self, dataset_len: int, rank: int, world_size: int, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = True):
+                 shuffle: bool = True, drop_last: bool = True, with_seeds: bool = False):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"ShardedSampler: rank {rank} is not in [0, world_size={world_size})")
         if dataset_len < 0:
             raise ValueError(f"ShardedSampler: dataset_len must be >= 0, got {dataset_len}")
         self.dataset_len, self.rank, self.world_size = dataset_len, rank, world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.with_seeds = with_seeds
         self.epoch, self.start = 0, 0
 
     def epoch_length(self) -> int:
@@ -76,8 +83,11 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
         end = self.epoch_length() * self.world_size if self.drop_last else self.dataset_len
         return order[self.rank:end:self.world_size]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_indices()[self.start:])
+    def __iter__(self) -> Iterator:
+        indices = self.epoch_indices()[self.start:]
+        if not self.with_seeds:
+            return iter(indices)
+        return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in indices])
 
     def __len__(self) -> int:
         return self.epoch_length() - self.start
@@ -98,10 +108,10 @@ class Loaders:
 
 
 def _seed_worker(worker_id: int, rank: int) -> None:
-    # torch seeds each worker with base_seed + worker_id (base_seed comes from
-    # the loader's generator, new every epoch); mixing in the rank keeps two
-    # ranks' augmentations independent. timm's transforms use random, numpy
-    # and torch.
+    # Training samples are augmented from their own seed (ShardedSampler
+    # with_seeds); this seeds whatever else a worker draws. torch seeds each
+    # worker with base_seed + worker_id (base_seed comes from the loader's
+    # generator, new every epoch); mixing in the rank keeps ranks apart.
     s = mix_seed(torch.initial_seed(), rank)
     random.seed(s)
     np.random.seed(s % 2**32)
@@ -164,7 +174,8 @@ def build_dataloaders(data_cfg: DataConfig, model_cfg: ModelConfig, micro_batch_
     if micro_batch_size <= 0:
         raise ValueError(f"micro_batch_size must be > 0, got {micro_batch_size}")
     train_ds, val_ds = _datasets(data_cfg, model_cfg, seed)
-    train_sampler = ShardedSampler(len(train_ds), rank, world_size, seed, shuffle=True, drop_last=True)
+    train_sampler = ShardedSampler(len(train_ds), rank, world_size, seed, shuffle=True,
+                                   drop_last=True, with_seeds=True)
     val_sampler = ShardedSampler(len(val_ds), rank, world_size, seed, shuffle=False, drop_last=False)
     workers = data_cfg.num_workers
     common = dict(

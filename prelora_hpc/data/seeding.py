@@ -1,8 +1,14 @@
-"""Derived random seeds that do not collide across (seed, epoch, rank, ...)."""
+"""Derived random seeds that do not collide across (seed, epoch, rank, ...),
+and per-sample seeding of the augmentation."""
 
 from __future__ import annotations
 
+import random
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
+import torch
 
 
 def mix_seed(*values: int) -> int:
@@ -13,3 +19,36 @@ def mix_seed(*values: int) -> int:
     """
     entropy = [int(v) % 2**64 for v in values]
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+#: Separates augmentation seeds from every other use of mix_seed.
+_AUGMENT = 0x61756700
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of sample ``index`` (of the whole set) in ``epoch``.
+
+    A function of these three only: not of the rank, the DataLoader worker
+    or where an epoch was resumed, so a resumed run augments every sample
+    exactly as an uninterrupted one does.
+    """
+    return mix_seed(_AUGMENT, seed, epoch, index)
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run a block with Python's, NumPy's and torch's global RNGs seeded from
+    ``seed`` (timm's and torchvision's transforms draw from all three), and
+    give the caller its own RNG states back afterwards (a loader without
+    workers runs in the training process, whose dropout stream must not move).
+    """
+    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(th)

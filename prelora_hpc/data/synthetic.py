@@ -13,7 +13,8 @@ class SyntheticImageDataset(torch.utils.data.Dataset):
     """``ds[i]`` is ``(x, y)``: x float32 [3, img_size, img_size] ~ N(0, 1), y in [0, num_classes).
 
     Both are a pure function of (seed, i): every process, worker and epoch
-    sees the same sample for the same index.
+    sees the same sample for the same index. ``ds[(i, sample_seed)]`` (what
+    a ShardedSampler with_seeds yields) is ``ds[i]``: nothing is augmented.
     """
 
     def __init__(self, size: int, num_classes: int, img_size: int, seed: int = 0, in_chans: int = 3):
@@ -32,7 +33,8 @@ class SyntheticImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key
         if not 0 <= index < self.size:
             raise IndexError(f"synthetic data: index {index} out of range ({self.size} samples)")
         g = torch.Generator().manual_seed(mix_seed(self.seed, 1, index))
