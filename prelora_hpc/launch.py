@@ -69,13 +69,154 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _master_addr(comm, local_size: int) -> str:
+def _master_name(single_node: bool) -> str:
+    """The name rank 0 offers for the rendezvous."""
     # A job on one node needs no network name at all.
-    if local_size == comm.Get_size():
+    if single_node:
         return "127.0.0.1"
-    # launch.sh exports the high-speed-network name on Polaris (the
-    # management interface would carry the NCCL bootstrap otherwise).
-    return os.environ.get("PRELORA_MASTER_ADDR") or socket.getfqdn()
+    # launch.sh exports the high-speed-network name where it resolves
+    # (Polaris: the management interface would carry the bootstrap
+    # otherwise); else the node's own name, as the other nodes know it.
+    return os.environ.get("PRELORA_MASTER_ADDR") or socket.gethostname()
+
+
+def _resolve(name: str) -> tuple[Optional[str], str]:
+    """``name``'s IPv4 address on this node, or None and why not."""
+    try:
+        addr = socket.gethostbyname(name)
+    except OSError as e:
+        return None, f"does not resolve ({e})"
+    if addr.startswith("127."):
+        # Debian maps the host name to 127.0.1.1: a peer node would dial itself.
+        return None, f"resolves to the loopback address {addr}"
+    return addr, ""
+
+
+def source_address(addr: str) -> Optional[str]:
+    """This node's address on the route to ``addr`` (None: no route).
+
+    The kernel's route decides: a UDP socket "connected" to ``addr`` (no
+    packet is sent) takes that route's source address.
+    """
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((addr, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def interface_for(addr: str) -> Optional[str]:
+    """The name of the network interface this node reaches ``addr`` through:
+    the one holding :func:`source_address`. None when no route or no match."""
+    import fcntl
+    import struct
+
+    source = source_address(addr)
+    if source is None:
+        return None
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), siocgifaddr,
+                                     struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue        # an interface without an IPv4 address
+            if socket.inet_ntoa(packed[20:24]) == source:
+                return name
+    return None
+
+
+def _check_rendezvous(comm, name: str) -> str:
+    """Every rank resolves rank 0's ``name``; returns its address.
+
+    All ranks learn every rank's result, so a name one node cannot resolve
+    ends the job on every rank with one line naming those nodes, instead of
+    a connection timeout much later.
+    """
+    addr, why = _resolve(name)
+    results = comm.allgather((socket.gethostname(), addr, why))
+    bad = {}
+    for host, a, w in results:
+        if a is None:
+            bad.setdefault((host, w), 0)
+    if bad:
+        if comm.Get_rank() == 0:
+            where = "; ".join(f"on {h}: {w}" for h, w in bad)
+            print(f"[rank 0] error: the rendezvous name {name!r} (rank 0's node) {where}; "
+                  "list every node in each node's /etc/hosts or DNS, or export "
+                  "PRELORA_MASTER_ADDR with a name that resolves everywhere",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    return addr
+
+
+def _bind_comm_to_link(master_ip: str, local_size: int, world: int) -> None:
+    """Across nodes, make gloo and DeepSpeed use the inter-node link.
+
+    gloo binds to the address its host name resolves to, which may be the
+    loopback (127.0.1.1), a management network, or a container bridge that
+    the other nodes cannot reach: GLOO_SOCKET_IFNAME names the interface
+    that routes to rank 0's rendezvous address instead (a value the user
+    set wins).
+
+    DeepSpeed's CPU shared-memory all-reduce (the ShareMemComm op) turns
+    itself on when LOCAL_SIZE equals the world size; it then maps every
+    rank's segment in /dev/shm and would wait forever for ranks on other
+    nodes. Across nodes LOCAL_SIZE is therefore this node's rank count, so
+    the op stays off and collectives go through gloo. Read in DeepSpeed
+    0.19.8 (comm/torch.py TorchBackend.__init__ calls
+    shm_comm_op.initialize(world, rank); csrc/cpu/comm/shm_interface.cpp
+    compares LOCAL_SIZE with the world size) and 0.17.6 (the same check).
+    Note 0.19.8's inference_all_reduce calls the op whenever it is built,
+    even when it was not initialised: only tensor-parallel inference
+    (module_inject) calls it, never the training engine. On one node
+    LOCAL_SIZE is left as the launcher set it (unset under Hydra: the op
+    stays off, as it always was here).
+    """
+    if local_size == world:
+        return
+    os.environ["LOCAL_SIZE"] = str(local_size)
+    if not os.environ.get("GLOO_SOCKET_IFNAME"):
+        ifname = interface_for(master_ip)
+        if ifname:
+            os.environ["GLOO_SOCKET_IFNAME"] = ifname
+
+
+#: Across nodes: each node's address on the inter-node link -> (host, ranks),
+#: so an error naming a peer's address can say which ranks it lost.
+_PEERS: dict[str, tuple[str, list[int]]] = {}
+
+
+def _record_peers(comm, master_ip: str) -> None:
+    me = (source_address(master_ip) or "", socket.gethostname(), comm.Get_rank())
+    _PEERS.clear()
+    for addr, host, r in comm.allgather(me):
+        if addr:
+            _PEERS.setdefault(addr, (host, []))[1].append(r)
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    ranks = sorted(ranks)
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return "ranks " + ",".join(map(str, ranks))
+
+
+def describe_lost_peer(message: str) -> Optional[str]:
+    """Which ranks a peer error is about, e.g. ``ranks 2-3 on emu1 (10.0.0.2)``
+    for gloo's "Read error [10.0.0.2]:41234: Connection reset by peer", when
+    the address is another node's of this job; None otherwise."""
+    import re
+
+    for addr in re.findall(r"\[(\d{1,3}(?:\.\d{1,3}){3})\]", message):
+        if addr in _PEERS:
+            host, ranks = _PEERS[addr]
+            return f"{_ranks_text(ranks)} on {host} ({addr})"
+    return None
 
 
 def _select_device(local_rank: int) -> torch.device:
@@ -106,10 +247,16 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+    # One node when every rank shares rank 0's node.
+    single_node = comm.allreduce(local_size, op=MPI.MIN) == world
     addr_port = None
     if rank == 0:
-        addr_port = (_master_addr(comm, local_size), _free_port())
+        addr_port = (_master_name(single_node), _free_port())
     addr, port = comm.bcast(addr_port, root=0)
+    if not single_node:
+        master_ip = _check_rendezvous(comm, addr)
+        _bind_comm_to_link(master_ip, local_size, world)
+        _record_peers(comm, master_ip)
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -157,6 +304,11 @@ def abort(message: str, code: int = 1) -> None:
     ``MPI_Abort`` makes the launcher kill the others, so nothing hangs.
     """
     rank = MPI.COMM_WORLD.Get_rank()
+    lost = describe_lost_peer(message)
+    if lost:
+        # gloo's own text goes on with advice; the address is what matters.
+        message = message.split(" This is typically caused")[0]
+        message = f"lost contact with {lost}: {message}"
     print(f"[rank {rank}] error: {message}", file=sys.stderr, flush=True)
     if MPI.COMM_WORLD.Get_size() > 1:
         MPI.COMM_WORLD.Abort(code)
