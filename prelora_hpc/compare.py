@@ -2,7 +2,15 @@
 and budget, then put their results in one table.
 
     prelora-compare --out runs/compare --seeds 0,1,2 run.epochs=30 model.img_size=16
+    prelora-compare --modes full,prelora --variant update:prelora.criterion=update
     scripts/compare.sh                       # the settings of docs/results.md
+
+A ``--variant LABEL:key=value,...`` is one more arm: a prelora run (unless
+its overrides set ``run.mode``) with those overrides on top of the common
+ones, e.g. another switch criterion. Each arm is compared with ``full``
+seed by seed: the paired difference in top-1 (mean and 95 % interval over
+seeds, Student's t), the share of optimizer steps spent in stage 3 and the
+wall time relative to full.
 
 For every seed and mode it runs
 
@@ -37,6 +45,55 @@ from .replay import rank_histogram
 MODES = ("full", "prelora", "lora")
 RESERVED = ("run.mode", "run.seed", "run.output_dir")
 """Overrides the comparison sets itself for every run."""
+
+#: Two-sided 95 % quantiles of Student's t by degrees of freedom (1..30);
+#: beyond 30 the normal quantile is within 2 %.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` >= 1 degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    return _T975[df - 1] if df <= len(_T975) else 1.960
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict[str, Any]:
+    """Seed-by-seed ``a - b``: per-seed values, mean, sample standard
+    deviation and the 95 % confidence interval of the mean (Student's t;
+    None with a single seed)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired values need equal, non-zero lengths, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    mean = statistics.fmean(d)
+    if len(d) < 2:
+        return {"per_seed": d, "mean": mean, "std": None, "ci95": None}
+    sd = statistics.stdev(d)
+    half = t975(len(d) - 1) * sd / math.sqrt(len(d))
+    return {"per_seed": d, "mean": mean, "std": sd, "ci95": [mean - half, mean + half]}
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``"update:prelora.criterion=update,prelora.tau_update=0.5"`` ->
+    (label, overrides); the run mode is prelora unless the overrides set it."""
+    label, sep, body = text.partition(":")
+    label = label.strip()
+    if not sep or not label or label in MODES or "/" in label:
+        raise argparse.ArgumentTypeError(
+            f"a variant is LABEL:key=value,... with a label other than {list(MODES)}, "
+            f"got {text!r}")
+    overrides = [o.strip() for o in body.split(",") if o.strip()]
+    if any("=" not in o for o in overrides):
+        raise argparse.ArgumentTypeError(f"variant {label}: overrides must be key=value, "
+                                         f"got {body!r}")
+    bad = [o for o in overrides if o.split("=", 1)[0].strip() in ("run.seed", "run.output_dir")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"variant {label}: {bad} are set per run")
+    if not any(o.split("=", 1)[0].strip() == "run.mode" for o in overrides):
+        overrides.insert(0, "run.mode=prelora")
+    return label, overrides
 
 
 class CompareError(RuntimeError):
@@ -78,15 +135,16 @@ def _finished(run_dir: Path) -> bool:
         return False
 
 
-def train_one(run_dir: Path, mode: str, seed: int, args, overrides: list[str]) -> float:
-    """Train one run to the end; returns the process wall time in seconds.
+def train_one(run_dir: Path, label: str, seed: int, args, overrides: list[str]) -> float:
+    """Train one run of arm ``label`` to the end; returns the process wall
+    time in seconds. ``overrides`` include the arm's ``run.mode``.
 
     Output (rank 0's progress, every rank's errors) goes to
     ``<run_dir>/train.log``.
     """
     if (run_dir / "metrics.jsonl").exists():
         if args.reuse and _finished(run_dir):
-            print(f"[compare] {mode} seed {seed}: reusing the finished run in {run_dir}",
+            print(f"[compare] {label} seed {seed}: reusing the finished run in {run_dir}",
                   flush=True)
             return float("nan")
         if not (args.overwrite or args.reuse):
@@ -97,13 +155,13 @@ def train_one(run_dir: Path, mode: str, seed: int, args, overrides: list[str]) -
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     cmd = [args.mpiexec, "-n", str(args.np), _exe("prelora-train"), "--config", str(args.config),
-           "--output-dir", str(run_dir), *overrides, f"run.mode={mode}", f"run.seed={seed}"]
+           "--output-dir", str(run_dir), *overrides, f"run.seed={seed}"]
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
     # One thread per rank: NP ranks already fill the cores of a small machine,
     # and oversubscribed threads make the wall times noise.
     env.setdefault("OMP_NUM_THREADS", "1")
-    print(f"[compare] {mode} seed {seed}: {shlex.join(cmd)}", flush=True)
+    print(f"[compare] {label} seed {seed}: {shlex.join(cmd)}", flush=True)
     log = run_dir / "train.log"
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -111,14 +169,14 @@ def train_one(run_dir: Path, mode: str, seed: int, args, overrides: list[str]) -
             p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
                                timeout=args.timeout)
         except subprocess.TimeoutExpired:
-            raise CompareError(f"{mode} seed {seed}: no result within {args.timeout} s; "
+            raise CompareError(f"{label} seed {seed}: no result within {args.timeout} s; "
                                f"see {log}") from None
     took = time.perf_counter() - t0
     if p.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
-        raise CompareError(f"{mode} seed {seed}: prelora-train exited {p.returncode}; "
+        raise CompareError(f"{label} seed {seed}: prelora-train exited {p.returncode}; "
                            f"see {log}\n{tail}")
-    print(f"[compare] {mode} seed {seed}: done in {took:.1f} s", flush=True)
+    print(f"[compare] {label} seed {seed}: done in {took:.1f} s", flush=True)
     return took
 
 
@@ -190,12 +248,20 @@ def summarize(runs: dict[str, list[Run]], seeds: list[int],
             "rank_histogram": {str(k): v for k, v in sorted(hist.items())},
             "runs": [str(r.path) for r in rs],
         }
+    for v in out.values():
+        total = sum(st["steps"] for st in v["stages"].values())
+        v["stage3_share"] = v["stages"].get("3", {}).get("steps", 0) / total if total else None
     if "full" in out:
-        # Relative to full training, the question the comparison asks.
+        # Relative to full training, the question the comparison asks: seed
+        # by seed, since the seed moves full training by about as much.
         base = out["full"]
         for v in out.values():
             v["top1_minus_full"] = v["top1"] - base["top1"]
             v["wall_vs_full"] = v["wall_s"] / base["wall_s"] if base["wall_s"] > 0 else None
+            v["paired_top1_minus_full"] = paired_difference(v["top1_per_seed"],
+                                                            base["top1_per_seed"])
+            v["paired_wall_vs_full"] = statistics.fmean(
+                w / f for w, f in zip(v["wall_s_per_seed"], base["wall_s_per_seed"]))
     return out
 
 
@@ -208,8 +274,9 @@ def compare_markdown(summary: dict[str, dict], command: str, plot: Optional[str]
     stages = sorted({s for v in summary.values() for s in v["stages"]})
     n = max(len(v["top1_per_seed"]) for v in summary.values())
     rel = all("top1_minus_full" in v for v in summary.values())
-    head = (["mode", "top-1 (%)", "top-5 (%)", "wall time (s)"]
-            + (["top-1 - full (points)", "wall time / full"] if rel else [])
+    head = (["arm", "top-1 (%)", "top-5 (%)", "wall time (s)"]
+            + (["top-1 - full, paired (points, 95 % CI)", "wall time / full"] if rel else [])
+            + ["steps in stage 3"]
             + [f"step time stage {s} (s)" for s in stages]
             + [f"trainable params stage {s}" for s in stages]
             + ["switch (epoch)", "rank map histogram (rank: layers)"])
@@ -220,8 +287,10 @@ def compare_markdown(summary: dict[str, dict], command: str, plot: Optional[str]
         cells = [mode, _pm(v["top1"], v["top1_std"], n), _pm(v["top5"], v["top5_std"], n),
                  _pm(v["wall_s"], v["wall_s_std"], n, ".1f")]
         if rel:
-            cells += [f"{v['top1_minus_full']:+.2f}",
-                      "-" if v["wall_vs_full"] is None else f"{v['wall_vs_full']:.3f}"]
+            pd = v["paired_top1_minus_full"]
+            ci = "" if pd["ci95"] is None else f" [{pd['ci95'][0]:+.2f}, {pd['ci95'][1]:+.2f}]"
+            cells += [f"{pd['mean']:+.2f}{ci}", f"{v['paired_wall_vs_full']:.3f}"]
+        cells.append("-" if v["stage3_share"] is None else f"{100 * v['stage3_share']:.0f} %")
         cells += ["-" if st.get(s, {}).get("step_time_s") is None
                   else f"{st[s]['step_time_s']:.3f}" for s in stages]
         cells += ["-" if s not in st else f"{st[s]['trainable_params']:,}" for s in stages]
@@ -232,7 +301,10 @@ def compare_markdown(summary: dict[str, dict], command: str, plot: Optional[str]
     seeds = next(iter(summary.values()))["seeds"]
     lines += ["",
               f"Seeds {seeds}; top-1/top-5 at the final evaluation, mean ± sample standard "
-              "deviation over seeds; the columns against full compare the means. Wall "
+              "deviation over seeds. Against full: the seed-by-seed difference in top-1, its "
+              "mean and 95 % confidence interval (Student's t over seeds), and the mean of "
+              "the seed-by-seed wall-time ratios. Steps in stage 3: the share of optimizer "
+              "steps trained with the base frozen, mean over seeds. Wall "
               "time: the training loop (the `end` record's `wall_s`, without process "
               "start-up). Step time: median over the logging "
               "intervals of the stage (an interval holding an evaluation or an engine rebuild "
@@ -258,6 +330,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=parse_seeds, default=[0], help="e.g. 0,1,2 (default: 0)")
     p.add_argument("--modes", type=parse_modes, default=list(MODES),
                    help="subset of full,prelora,lora (default: all three)")
+    p.add_argument("--variant", type=parse_variant, action="append", default=[],
+                   metavar="LABEL:key=value,...",
+                   help="one more arm: a prelora run with these overrides (repeatable)")
     p.add_argument("--np", type=int, default=2, help="MPI ranks per run (default: 2)")
     p.add_argument("--mpiexec", default=None, help="mpiexec to use (default: the one on PATH "
                    "or beside this Python)")
@@ -280,27 +355,33 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     from .config import ConfigError, load_config
 
+    arms = [(m, [f"run.mode={m}"]) for m in args.modes] + list(args.variant)
+    labels = [label for label, _ in arms]
+    if len(set(labels)) != len(labels):
+        print(f"prelora-compare: error: arm labels repeat: {labels}", file=sys.stderr)
+        return 2
     try:
         # Fail now on a bad key, not after the first run has trained.
-        for mode in args.modes:
-            load_config(args.config, [*args.overrides, f"run.mode={mode}"])
+        for _, extra in arms:
+            load_config(args.config, [*args.overrides, *extra])
     except ConfigError as e:
         print(f"prelora-compare: config error: {e}", file=sys.stderr)
         return 2
     args.mpiexec = args.mpiexec or shutil.which("mpiexec") or _exe("mpiexec")
-    runs: dict[str, list[Run]] = {m: [] for m in args.modes}
-    process_s: dict[str, list[float]] = {m: [] for m in args.modes}
+    runs: dict[str, list[Run]] = {label: [] for label in labels}
+    process_s: dict[str, list[float]] = {label: [] for label in labels}
     try:
         for seed in args.seeds:
-            for mode in args.modes:
-                run_dir = args.out / f"seed{seed}" / mode
-                process_s[mode].append(train_one(run_dir, mode, seed, args, args.overrides))
-                runs[mode].append(load_run(run_dir, f"seed{seed}/{mode}"))
+            for label, extra in arms:
+                run_dir = args.out / f"seed{seed}" / label
+                process_s[label].append(train_one(run_dir, label, seed, args,
+                                                  [*args.overrides, *extra]))
+                runs[label].append(load_run(run_dir, f"seed{seed}/{label}"))
         summary = summarize(runs, args.seeds, process_s)
     except CompareError as e:
         print(f"prelora-compare: error: {e}", file=sys.stderr)
         return 1
-    all_runs = [r for i in range(len(args.seeds)) for m in args.modes for r in runs[m][i:i + 1]]
+    all_runs = [r for i in range(len(args.seeds)) for m in labels for r in runs[m][i:i + 1]]
     plot = plot_runs_top1(all_runs, args.out / "compare_top1.png",
                           title="validation top-1: full vs prelora vs lora")
     command = shlex.join(["prelora-compare", *argv])

@@ -40,9 +40,10 @@ from matplotlib.colors import LogNorm  # noqa: E402
 
 from .metrics import read_metrics  # noqa: E402
 from .replay import ReplayParams, ReplayResult, rank_histogram, replay  # noqa: E402
+from .stages import Stage  # noqa: E402
 
 STAGE_COLORS = {1: "#4c72b0", 2: "#dd8452", 3: "#55a868"}
-STAGE_LABELS = {1: "stage 1 (full)", 2: "stage 2 (full + LoRA)", 3: "stage 3 (LoRA only)"}
+STAGE_LABELS = {int(s): s.display for s in Stage}
 MODE_COLORS = {"full": "#4c72b0", "prelora": "#c44e52", "lora": "#55a868"}
 DPI = 100  # keeps every PNG well under 200 KB
 
@@ -296,14 +297,31 @@ def _positive(values: list[Optional[float]]) -> list[float]:
 
 
 def plot_convergence(run: Run, path: Path) -> Path:
-    """Per-module |dW| per window against tau, |dL| against zeta."""
+    """Per-module |dW| per window against tau (the effective weight
+    ``W0 + s B A`` once adapters exist), the relative update per module
+    where the run measured it, and |dL| against zeta."""
     if not run.windows:
         raise ReportError(f"{run.path}: no window records to plot")
-    fig, (ax_w, ax_l) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, constrained_layout=True)
+    has_du = any(w.get("du") for w in run.windows)
+    fig, axes = plt.subplots(3 if has_du else 2, 1, figsize=(9, 9 if has_du else 6.5),
+                             sharex=True, constrained_layout=True)
+    ax_w, ax_l = axes[0], axes[-1]
     xs = [w["window"] for w in run.windows]
     modules = run.windows[-1]["modules"]
     for m in modules:
         ax_w.plot(xs, _positive([w["dW"].get(m) for w in run.windows]), ".-", lw=1, ms=4, label=m)
+    if has_du:
+        ax_u = axes[1]
+        for m in modules:
+            ax_u.plot(xs, _positive([(w.get("du") or {}).get(m) for w in run.windows]), ".-",
+                      lw=1, ms=4, label=m)
+        last = run.windows[-1]
+        if last.get("criterion") == "update":
+            ax_u.axhline(last["tau_update"], color="k", lw=1.5,
+                         label=f"tau_update = {last['tau_update']}%")
+        ax_u.set(ylabel="||W_t - W_t-1|| / ||W_t-1|| (%)",
+                 title="relative update per window (layer mean, effective weight)")
+        ax_u.legend(fontsize=8, ncol=2)
     ax_l.plot(xs, _positive([w["dL"] for w in run.windows]), ".-", color="0.25", lw=1, ms=4,
               label="|dL|")
     tau, zeta = run.windows[-1]["tau"], run.windows[-1]["zeta"]
@@ -312,7 +330,7 @@ def plot_convergence(run: Run, path: Path) -> Path:
     by_stage: dict[int, list[int]] = {}
     for w in run.windows:
         by_stage.setdefault(w["stage"], []).append(w["window"])
-    for ax in (ax_w, ax_l):
+    for ax in axes:
         ax.set_yscale("log")
         for stage, ws in by_stage.items():
             # A window is the span ending at its number: (w-1, w].
@@ -320,6 +338,8 @@ def plot_convergence(run: Run, path: Path) -> Path:
                        label=STAGE_LABELS[stage] if ax is ax_w else None)
         if run.switch_window is not None:
             ax.axvline(run.switch_window, color="0.3", ls="--", lw=1)
+    # Runs recorded before the effective weight was tracked show a frozen
+    # base as exactly 0 in stage 3.
     frozen = [w["window"] for w in run.windows
               if w["stage"] == 3 and not any(w["dW"].values())]
     if frozen:
@@ -327,7 +347,8 @@ def plot_convergence(run: Run, path: Path) -> Path:
                   "base frozen: dW = 0\n(not on a log axis)",
                   ha="center", va="bottom", fontsize=8, color="0.3")
     ax_w.set(ylabel="|dW| (% per window)",
-             title=f"weight-norm change per module (layer mean): {run.label}")
+             title=f"weight-norm change per module (layer mean; W0 + s B A once adapted): "
+                   f"{run.label}")
     ax_l.set(xlabel="window" + (f" (switch at {run.switch_window})" if run.switch_window else ""),
              ylabel="|dL| (% per window)", title="training-loss change per window")
     ax_w.legend(fontsize=8, ncol=2)
@@ -452,9 +473,12 @@ def plot_replay(run: Run, res: ReplayResult, path: Path) -> Path:
     p = res.params
     last = run.windows[-1] if run.windows else {}
     run_tau, run_zeta = last.get("tau"), last.get("zeta")
+    first = ((ax_w, [c.max_update for c in res.checks], p.tau_update,
+              last.get("tau_update") if last.get("criterion") == "update" else None, "tau_update")
+             if p.criterion == "update" else
+             (ax_w, [c.max_abs_dW for c in res.checks], p.tau, run_tau, "tau"))
     for ax, ys, thr, run_thr, name in (
-            (ax_w, [c.max_abs_dW for c in res.checks], p.tau, run_tau, "tau"),
-            (ax_l, [c.max_abs_dL for c in res.checks], p.zeta, run_zeta, "zeta")):
+            first, (ax_l, [c.max_abs_dL for c in res.checks], p.zeta, run_zeta, "zeta")):
         ax.plot(xs, _positive(ys), ".-", color="0.3", lw=1, ms=4,
                 label=f"max over the last {p.k} windows")
         ax.axhline(thr, color="#c44e52", lw=1.5, label=f"replay {name} = {thr}%")
@@ -467,10 +491,12 @@ def plot_replay(run: Run, res: ReplayResult, path: Path) -> Path:
             ax.axvline(res.window, color="#c44e52", ls="-", lw=2, alpha=0.6,
                        label=f"replay switches (window {res.window})")
         ax.set_yscale("log")
-        ax.set(xlabel="stage-1 window", ylabel=f"|d{'W' if name == 'tau' else 'L'}| (%)")
+        ax.set(xlabel="stage-1 window", ylabel={"tau": "|dW| (%)", "zeta": "|dL| (%)",
+                                                "tau_update": "relative update (%)"}[name])
         ax.legend(fontsize=7)
-    ax_w.set_title("weight-norm change (Algorithm 1)", fontsize=10)
-    ax_l.set_title("loss change (Algorithm 1)", fontsize=10)
+    ax_w.set_title("relative update (update test)" if p.criterion == "update"
+                   else "weight-norm change (Algorithm 1)", fontsize=10)
+    ax_l.set_title("loss change", fontsize=10)
     if maps:
         ranks = sorted({r for m, _ in maps for r in m.values()})
         for j, (m, t) in enumerate(maps):
@@ -482,6 +508,26 @@ def plot_replay(run: Run, res: ReplayResult, path: Path) -> Path:
 
 # --------------------------------------------------------------------------- #
 # Summaries
+
+
+def stage_movement(run: Run) -> dict[int, dict[str, dict[str, Any]]]:
+    """Per stage, per module: windows, mean |dW| and mean and last relative
+    update (percent per window; None where the run did not measure it)."""
+    acc: dict[int, dict[str, dict[str, list[float]]]] = {}
+    for w in run.windows:
+        by_module = acc.setdefault(w["stage"], {})
+        for m in w["modules"]:
+            slot = by_module.setdefault(m, {"dW": [], "du": []})
+            for key in ("dW", "du"):
+                v = (w.get(key) or {}).get(m)
+                if v is not None:
+                    slot[key].append(abs(v))
+    return {stage: {m: {"windows": sum(1 for w in run.windows if w["stage"] == stage),
+                        "dW": statistics.fmean(v["dW"]) if v["dW"] else None,
+                        "du": statistics.fmean(v["du"]) if v["du"] else None,
+                        "du_last": v["du"][-1] if v["du"] else None}
+                    for m, v in by_module.items()}
+            for stage, by_module in sorted(acc.items())}
 
 
 def _fmt_bytes(n: Optional[int]) -> str:
@@ -535,6 +581,19 @@ def summary_markdown(run: Run, images: list[Path]) -> str:
                      f"{_fmt(st['step_time_s_median'], '.3f', ' s')} | "
                      f"{_fmt(st['trainable_params'], ',')} | "
                      f"{_fmt_bytes(st['peak_memory_bytes'])} |")
+    moves = stage_movement(run)
+    if moves:
+        lines += ["", "## What still moves", "",
+                  "Per stage and module (layer mean), percent per window: the change of the "
+                  "weight norm (|dW|) and the relative update ||W_t - W_t-1|| / ||W_t-1||, "
+                  "both of the effective weight W0 + s B A once adapters exist.", "",
+                  "| stage | module | windows | mean \\|dW\\| | mean update | last update |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for stage, by_module in moves.items():
+            for m, mv in by_module.items():
+                lines.append(f"| {STAGE_LABELS[stage]} | {m} | {mv['windows']} | "
+                             f"{_fmt(mv['dW'], '.3f')} | {_fmt(mv['du'], '.3f')} | "
+                             f"{_fmt(mv['du_last'], '.3f')} |")
     rm = run.rank_map
     if rm:
         hist = ", ".join(f"r={r}: {n}" for r, n in rank_histogram(rm).items())
