@@ -327,9 +327,11 @@ class NormTracker(WindowHistory):
         mod = (self._model if model is None else model).get_submodule(self.layer_name(module, layer))
         w = getattr(mod, "base_layer", mod).weight.detach().float()
         if hasattr(mod, "lora_A") and not mod.merged:
-            w = torch.addmm(w, mod.lora_B.weight.detach().float(),
-                            mod.lora_A.weight.detach().float(), alpha=mod.scaling)
-        return w
+            return torch.addmm(w, mod.lora_B.weight.detach().float(),
+                               mod.lora_A.weight.detach().float(), alpha=mod.scaling)
+        # .float() of a float32 weight is the weight itself, which the
+        # optimizer updates in place: the reference must be a copy.
+        return w.clone()
 
 
 def relative_update(prev: torch.Tensor, cur: torch.Tensor) -> float:
