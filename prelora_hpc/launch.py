@@ -168,7 +168,10 @@ def _bind_comm_to_link(master_ip: str, local_size: int, world: int) -> None:
     the op stays off and collectives go through gloo. Read in DeepSpeed
     0.19.8 (comm/torch.py TorchBackend.__init__ calls
     shm_comm_op.initialize(world, rank); csrc/cpu/comm/shm_interface.cpp
-    compares LOCAL_SIZE with the world size) and 0.17.6 (the same check).
+    compares LOCAL_SIZE with the world size). Every shm_interface.cpp of
+    DeepSpeed's history we read has that same check; 0.17.6's own copy was
+    not read line by line. With the CUDA accelerator (Polaris) 0.19.8 has no
+    such op to build: ShareMemCommBuilder is among the CPU builders only.
     Note 0.19.8's inference_all_reduce calls the op whenever it is built,
     even when it was not initialised: only tensor-parallel inference
     (module_inject) calls it, never the training engine. On one node
