@@ -16,8 +16,12 @@
 #   --ppn N               ranks per node (default: PBS: the GPUs nvidia-smi
 #                         lists, else 4; Slurm: SLURM_NTASKS_PER_NODE, else
 #                         GPUs per node, else 1)
-#   --depth D             CPUs per rank (PBS: mpiexec --depth, default 8;
-#                         Slurm: srun -c, default SLURM_CPUS_PER_TASK)
+#   --depth D             CPUs per rank (PBS: mpiexec --depth under PALS,
+#                         default 16; -bind-to core:D under Hydra, PE=D under
+#                         Open MPI, no binding by default; Slurm: srun -c,
+#                         default SLURM_CPUS_PER_TASK). A depth not above the
+#                         config's data.num_workers gets a warning: the
+#                         DataLoader workers then share the rank's cores.
 #   --launcher L          mpiexec or srun (Slurm default: srun; elsewhere
 #                         mpiexec, the only choice)
 #   --no-nccl-env         PBS with GPUs: do not export the four NCCL_* settings
@@ -31,10 +35,18 @@
 #                         #SBATCH --signal). 0 disables it.
 #   -h, --help            show this help
 #
-# Where it runs decides the line:
-#   PBS (PBS_NODEFILE set): mpiexec -n NODES*PPN --ppn PPN --depth=D
+# Where it runs decides the line, and under PBS also which MPI's mpiexec it
+# is (`mpiexec --version`; PRELORA_MPI_FLAVOUR overrides):
+#   PBS, Cray PALS (Polaris): mpiexec -n NODES*PPN --ppn PPN --depth=D
 #       --cpu-bind depth --envall --hostfile $PBS_NODEFILE
 #       scripts/gpu_affinity.sh prelora-train --config CONFIG ...
+#   PBS, MPICH Hydra: mpiexec -n N -ppn PPN -hosts H1,H2,... [-bind-to core:D]
+#       -envall scripts/gpu_affinity.sh prelora-train ...   (each host once:
+#       the node file repeats a host per slot); on several hosts Hydra's
+#       remote shell goes through scripts/node_watch.sh, which names a node
+#       the job lost
+#   PBS, Open MPI: mpiexec -n N --map-by ppr:PPN:node[:PE=D] --bind-to
+#       core|none --hostfile $PBS_NODEFILE -x VAR... scripts/gpu_affinity.sh ...
 #   Slurm (SLURM_JOB_ID set): srun --mpi=pmi2 -n N --ntasks-per-node PPN
 #       --cpu-bind=cores [-c D] [--gpus-per-task=1 --gpu-bind=none]
 #       prelora-train ...   (or mpiexec -n N --ppn PPN with --launcher mpiexec)
@@ -48,7 +60,20 @@
 #                         network; the management interface is much slower),
 #                         empty elsewhere. Set it empty to use the name as the
 #                         node file or Slurm lists it.
+#                         The suffixed name is used only where it resolves
+#                         (getent hosts); otherwise the node's own name.
 #   PRELORA_MASTER_ADDR   left alone when already set
+#   PRELORA_MPI_FLAVOUR   pals, hydra or openmpi: what mpiexec is, when
+#                         `mpiexec --version` cannot tell (or to override it)
+#   PRELORA_OFI_NCCL_DIR  (PBS with GPUs) the aws-ofi-nccl plugin's lib
+#                         directory, put first on LD_LIBRARY_PATH; default:
+#                         the newest /soft/libraries/aws-ofi-nccl/*/lib if
+#                         the plugin is not on LD_LIBRARY_PATH already.
+#                         NCCL_NET="AWS Libfabric" fails to initialise
+#                         without it: a launch that finds none says so.
+#   PRELORA_TMPDIR        (PBS) TMPDIR for the ranks (default /tmp: PBS'
+#                         per-job directory makes DataLoader socket paths
+#                         too long, "AF_UNIX path too long")
 #   PRELORA_MPIEXEC       the mpiexec to use (default: the one installed next
 #                         to prelora-train, e.g. PyPI's MPICH in a venv, else
 #                         the first on PATH, e.g. Cray PALS on Polaris)
@@ -176,6 +201,66 @@ if [ -z "$mpiexec" ]; then
     fi
 fi
 
+# Which MPI an mpiexec belongs to: pals (Cray PALS), hydra (MPICH, Intel
+# MPI), openmpi; "unknown" if it does not say.
+mpi_flavour() {
+    if [ -n "${PRELORA_MPI_FLAVOUR:-}" ]; then
+        case "$PRELORA_MPI_FLAVOUR" in
+            pals|hydra|openmpi) echo "$PRELORA_MPI_FLAVOUR"; return ;;
+            *) die "PRELORA_MPI_FLAVOUR must be pals, hydra or openmpi, got '$PRELORA_MPI_FLAVOUR'" ;;
+        esac
+    fi
+    local version path
+    version=$(timeout 20 "$mpiexec" --version 2>&1 | head -n 20 || true)
+    path=$(readlink -f "$(command -v "$mpiexec" 2>/dev/null || echo "$mpiexec")" 2>/dev/null || echo "$mpiexec")
+    if [[ $version == *HYDRA* || $version == *"Intel(R) MPI"* ]]; then echo hydra
+    elif [[ $version == *"Open MPI"* || $version == *OpenRTE* || $version == *"open-mpi"* ]]; then echo openmpi
+    elif [[ $version == *PALS* || $version == *pals* || $path == */pals/* ]]; then echo pals
+    else echo unknown
+    fi
+}
+
+# NAME resolves on this node.
+resolves() {
+    if command -v getent >/dev/null 2>&1; then
+        getent hosts "$1" >/dev/null 2>&1
+    else
+        python3 -c 'import socket, sys; socket.gethostbyname(sys.argv[1])' "$1" >/dev/null 2>&1
+    fi
+}
+
+# The run's data.num_workers (config file, then section.key=value overrides
+# in the trainer's arguments); nothing when it cannot be read.
+num_workers() {
+    local py n=""
+    py=$(dirname "$train")/python
+    [ -x "$py" ] || py=$(command -v python3 || true)
+    [ -n "$py" ] && [ -f "$config" ] || return 0
+    n=$("$py" - "$config" "$@" 2>/dev/null <<'PY' || true
+import sys
+from prelora_hpc.config import load_config
+overrides = [a for a in sys.argv[2:] if a.startswith("data.num_workers=")]
+print(load_config(sys.argv[1], overrides).data.num_workers)
+PY
+)
+    is_uint "$n" && echo "$n"
+    return 0
+}
+
+# The aws-ofi-nccl plugin (libnccl-net*.so) on LD_LIBRARY_PATH: its directory.
+ofi_nccl_on_path() {
+    local d
+    IFS=: read -r -a dirs <<<"${LD_LIBRARY_PATH:-}"
+    for d in "${dirs[@]}"; do
+        [ -n "$d" ] || continue
+        compgen -G "$d/libnccl-net*.so*" >/dev/null && { echo "$d"; return 0; }
+    done
+    return 1
+}
+
+warnings=()
+warn() { warnings+=("$*"); }
+
 # --- Where are we -------------------------------------------------------------
 if [ -n "${PBS_NODEFILE:-}" ]; then
     scheduler=pbs
@@ -198,21 +283,40 @@ pbs)
     mapfile -t hosts < <(awk 'NF && !seen[$1]++ {print $1}' "$PBS_NODEFILE")
     nnodes=${#hosts[@]}
     [ "$nnodes" -gt 0 ] || die "PBS_NODEFILE=$PBS_NODEFILE lists no hosts"
+    flavour=$(mpi_flavour)
+    if [ "$flavour" = unknown ]; then
+        # A PBS site whose mpiexec names no MPI is most likely Cray's: keep the
+        # PALS line, and say how to choose another.
+        warn "'$mpiexec --version' names none of Cray PALS, MPICH Hydra, Open MPI: using Cray PALS options (set PRELORA_MPI_FLAVOUR=pals|hydra|openmpi)"
+        flavour=pals
+    fi
     ngpu=$(count_gpus)
     if [ -z "$ppn" ]; then
         if [ "$ngpu" -gt 0 ]; then ppn=$ngpu; else ppn=4; fi
     fi
-    depth=${depth:-8}
+    # PALS binds by depth: 16 of a Polaris node's 64 hardware threads per
+    # rank, room for the reference config's 8 DataLoader workers (ALCF's
+    # example pairs --depth=16 with 8 workers). The others bind only when asked.
+    [ "$flavour" != pals ] || depth=${depth:-16}
     np=${np:-$((nnodes * ppn))}
-    # The trainer's rendezvous goes over the high-speed network.
+    # The trainer's rendezvous goes over the high-speed network where the node
+    # has one under that name (Polaris); elsewhere over the node's own name.
     if [ -z "${PRELORA_MASTER_ADDR:-}" ]; then
         suffix=${PRELORA_HSN_SUFFIX-.hsn.cm.polaris.alcf.anl.gov}
+        master=${hosts[0]}
         if [ -n "$suffix" ]; then
-            export_env PRELORA_MASTER_ADDR "${hosts[0]%%.*}$suffix"
-        else
-            export_env PRELORA_MASTER_ADDR "${hosts[0]}"
+            if resolves "${hosts[0]%%.*}$suffix"; then
+                master=${hosts[0]%%.*}$suffix
+            else
+                warn "${hosts[0]%%.*}$suffix does not resolve here: the rendezvous uses ${hosts[0]}"
+            fi
         fi
+        export_env PRELORA_MASTER_ADDR "$master"
     fi
+    # DataLoader workers make AF_UNIX sockets under TMPDIR; PBS' per-job
+    # directory makes their paths too long.
+    export_env TMPDIR "${PRELORA_TMPDIR:-/tmp}"
+    ofi_note=""
     if [ "$ngpu" -gt 0 ]; then
         # NCCL over Slingshot through the aws-ofi-nccl plugin; values already in
         # the environment (recent conda modules set them) are kept.
@@ -227,12 +331,72 @@ pbs)
         export_env FI_CXI_DISABLE_HOST_REGISTER "${FI_CXI_DISABLE_HOST_REGISTER:-1}"
         export_env FI_MR_CACHE_MONITOR "${FI_MR_CACHE_MONITOR:-userfaultfd}"
         export_env FI_CXI_DEFAULT_CQ_SIZE "${FI_CXI_DEFAULT_CQ_SIZE:-131072}"
+        if [ "${NCCL_NET:-}" = "AWS Libfabric" ]; then
+            # NCCL loads the plugin (libnccl-net.so) from LD_LIBRARY_PATH and
+            # fails to initialise without it when NCCL_NET names it.
+            plugin=${PRELORA_OFI_NCCL_DIR:-}
+            if [ -z "$plugin" ] && ! plugin=$(ofi_nccl_on_path); then
+                plugin=$(compgen -G "/soft/libraries/aws-ofi-nccl/*/lib" | sort -V | tail -n 1 || true)
+                plugin=${plugin:-}
+            fi
+            if [ -n "$plugin" ] && compgen -G "$plugin/libnccl-net*.so*" >/dev/null; then
+                case ":${LD_LIBRARY_PATH:-}:" in
+                    *":$plugin:"*) ;;
+                    *) export_env LD_LIBRARY_PATH "$plugin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
+                esac
+                ofi_note=" ofi_nccl=$plugin"
+            else
+                ofi_note=" ofi_nccl=missing"
+                warn "NCCL_NET=\"AWS Libfabric\" but no aws-ofi-nccl plugin (libnccl-net*.so) ${PRELORA_OFI_NCCL_DIR:+in $PRELORA_OFI_NCCL_DIR }on LD_LIBRARY_PATH: NCCL will fail to initialise; set PRELORA_OFI_NCCL_DIR to the plugin's lib directory, or --no-nccl-env"
+            fi
+        fi
     fi
     stop_before=${stop_before:-300}
-    cmd=("$mpiexec" -n "$np" --ppn "$ppn" "--depth=$depth" --cpu-bind depth --envall
-         --hostfile "$PBS_NODEFILE" "$here/gpu_affinity.sh"
-         "$train" --config "$config" "$@")
-    layout="binding=depth:$depth nccl_env=$([ "$ngpu" -gt 0 ] && { [ "$nccl_env" = 1 ] && echo on || echo off; } || echo n/a)"
+    case "$flavour" in
+    pals)
+        cmd=("$mpiexec" -n "$np" --ppn "$ppn" "--depth=$depth" --cpu-bind depth --envall
+             --hostfile "$PBS_NODEFILE")
+        binding="depth:$depth"
+        ;;
+    hydra)
+        cmd=("$mpiexec" -n "$np" -ppn "$ppn" -hosts "$(IFS=,; echo "${hosts[*]}")")
+        if [ -n "$depth" ]; then cmd+=(-bind-to "core:$depth"); binding="core:$depth"; else binding=none; fi
+        cmd+=(-envall)
+        # Hydra reaches the other hosts through a remote shell (ssh unless
+        # HYDRA_LAUNCHER says otherwise); node_watch.sh runs it and names a
+        # node whose proxy dies, which Hydra does not.
+        if [ "$nnodes" -gt 1 ] && [[ ${HYDRA_LAUNCHER:-ssh} =~ ^(ssh|rsh)$ ]] &&
+           [ "${HYDRA_LAUNCHER_EXEC:-}" != "$here/node_watch.sh" ]; then
+            export_env PRELORA_REMOTE_SHELL "${HYDRA_LAUNCHER_EXEC:-${HYDRA_LAUNCHER:-ssh}}"
+            export_env PRELORA_JOB_HOSTS "${hosts[*]}"
+            export_env PRELORA_JOB_PPN "$ppn"
+            export_env HYDRA_LAUNCHER "${HYDRA_LAUNCHER:-ssh}"
+            export_env HYDRA_LAUNCHER_EXEC "$here/node_watch.sh"
+        fi
+        ;;
+    openmpi)
+        if [ -n "$depth" ]; then
+            cmd=("$mpiexec" -n "$np" --map-by "ppr:$ppn:node:PE=$depth" --bind-to core)
+            binding="core:$depth"
+        else
+            cmd=("$mpiexec" -n "$np" --map-by "ppr:$ppn:node" --bind-to none)
+            binding=none
+        fi
+        cmd+=(--hostfile "$PBS_NODEFILE")
+        # Open MPI passes only the variables it is told to.
+        for v in PATH LD_LIBRARY_PATH PYTHONPATH VIRTUAL_ENV DS_ACCELERATOR "${env_set[@]%%=*}"; do
+            [ -z "${!v+set}" ] || cmd+=(-x "$v")
+        done
+        ;;
+    esac
+    cmd+=("$here/gpu_affinity.sh" "$train" --config "$config" "$@")
+    if [ -n "$depth" ]; then
+        workers=$(num_workers "$@")
+        if [ -n "$workers" ] && [ "$depth" -le "$workers" ]; then
+            warn "--depth $depth is not above data.num_workers=$workers: each rank's DataLoader workers share its $depth core(s) with it (use a depth of at least $((workers + 1)))"
+        fi
+    fi
+    layout="mpi=$flavour binding=$binding nccl_env=$([ "$ngpu" -gt 0 ] && { [ "$nccl_env" = 1 ] && echo on || echo off; } || echo n/a)$ofi_note"
     ;;
 slurm)
     launcher=${launcher:-srun}
@@ -314,10 +478,12 @@ describe="# scheduler=$scheduler nodes=$nnodes ranks_per_node=$ppn ranks=$np gpu
 if [ "$dry_run" = 1 ]; then
     echo "$describe"
     [ ${#env_set[@]} -eq 0 ] || echo "# env: $(quoted "${env_set[@]}")"
+    for w in "${warnings[@]}"; do echo "# warning: $w"; done
     quoted "${cmd[@]}"
     exit 0
 fi
 
+for w in "${warnings[@]}"; do note "warning: $w"; done
 { echo "$describe"; echo "+ $(quoted "${cmd[@]}")"; } >&2
 if [ -z "$stop_in" ]; then
     exec "${cmd[@]}"

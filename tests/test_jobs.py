@@ -24,6 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "scripts" / "launch.sh"
 AFFINITY = ROOT / "scripts" / "gpu_affinity.sh"
+NODE_WATCH = ROOT / "scripts" / "node_watch.sh"
 RESUBMIT = ROOT / "scripts" / "resubmit.sh"
 PBS = ROOT / "jobs" / "polaris.pbs"
 SBATCH = ROOT / "jobs" / "slurm.sbatch"
@@ -107,6 +108,35 @@ class Fakes:
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
+    def mpiexec(self, flavour: str, body: str = "exit 0") -> Path:
+        """A fake mpiexec that answers --version as FLAVOUR's does, else runs BODY.
+
+        Cray PALS' is installed under /opt/cray/pals/VERSION/bin on Polaris:
+        the fake lives under such a path too, linked from the fake bin.
+        """
+        version = {"pals": "", "hydra": "HYDRA build details:\n    Version: 5.0.2",
+                   "openmpi": "mpiexec (Open MPI) 5.0.5", "unknown": "mpiexec 1.0"}[flavour]
+        script = f'[ "$1" = --version ] && {{ printf "{version}\\n"; exit 0; }}\n{textwrap.dedent(body)}'
+        if flavour != "pals":
+            return self.add("mpiexec", script)
+        real = self.tmp / "opt" / "cray" / "pals" / "1.4" / "bin" / "mpiexec"
+        real.parent.mkdir(parents=True, exist_ok=True)
+        real.write_text("#!/bin/bash\n" + script)
+        real.chmod(0o755)
+        link = self.bin / "mpiexec"
+        link.unlink(missing_ok=True)
+        link.symlink_to(real)
+        return link
+
+    def resolvable(self, *names: str) -> None:
+        """A fake getent: only NAMES resolve (as on a node whose hosts file has them)."""
+        listed = " ".join(shlex.quote(n) for n in names)
+        self.add("getent", f"""
+            [ "$1" = hosts ] || exit 2
+            for n in {listed}; do [ "$2" = "$n" ] && {{ echo "10.0.0.1 $n"; exit 0; }}; done
+            exit 2
+        """)
+
     def nodefile(self, hosts=HOSTS, slots=4) -> Path:
         p = self.tmp / "nodefile"
         # PBS writes each host once per MPI slot.
@@ -145,13 +175,14 @@ def follows(argv, *seq):
 # Syntax and content of the files themselves.
 
 
-@pytest.mark.parametrize("path", [LAUNCH, AFFINITY, RESUBMIT, PBS, SBATCH], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [LAUNCH, AFFINITY, RESUBMIT, NODE_WATCH, PBS, SBATCH],
+                         ids=lambda p: p.name)
 def test_scripts_parse(path):
     r = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("path", [LAUNCH, AFFINITY, RESUBMIT], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [LAUNCH, AFFINITY, RESUBMIT, NODE_WATCH], ids=lambda p: p.name)
 def test_scripts_are_executable(path):
     assert os.access(path, os.X_OK)
 
@@ -175,7 +206,8 @@ def test_slurm_template_directives():
     assert "SLURM_SUBMIT_DIR" in text and "scripts/resubmit.sh" in text
 
 
-@pytest.mark.parametrize("path", [LAUNCH, AFFINITY, RESUBMIT, PBS, SBATCH], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [LAUNCH, AFFINITY, RESUBMIT, NODE_WATCH, PBS, SBATCH],
+                         ids=lambda p: p.name)
 def test_no_personal_paths(path):
     text = path.read_text()
     for bad in ("/home/", "/Users/", "/global/homes/", "/work/main"):
@@ -198,31 +230,43 @@ def test_reference_config_loads():
 # scripts/launch.sh --dry-run
 
 
-def test_launch_pbs(fakes):
-    fakes.gpus(4)
+def polaris(fakes, gpus=4):
+    """A Polaris node: Cray PALS' mpiexec, GPUs, high-speed-network names that resolve."""
+    fakes.gpus(gpus)
     fakes.trainer()
+    fakes.mpiexec("pals")
+    fakes.resolvable(*HOSTS, "x3006c0s13b0n0.hsn.example")
+
+
+def test_launch_pbs(fakes):
+    polaris(fakes)
     nodefile = fakes.nodefile()
     comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, PBS_JOBID="1.polaris"))
     assert follows(argv, "-n", "8") and follows(argv, "--ppn", "4")
-    assert "--depth=8" in argv and follows(argv, "--cpu-bind", "depth")
+    # 16 hardware threads per rank: more than the reference config's 8 DataLoader workers.
+    assert "--depth=16" in argv and follows(argv, "--cpu-bind", "depth")
     assert "--envall" in argv and follows(argv, "--hostfile", str(nodefile))
     # The affinity wrapper comes right before the trainer.
     i = argv.index(str(AFFINITY))
     assert argv[i + 1] == str(fakes.bin / "prelora-train")
     assert argv[i + 2:] == ["--config", CONFIG, "--output-dir", "runs/x"]
     assert "nodes=2" in comments and "ranks_per_node=4" in comments and "ranks=8" in comments
+    assert "mpi=pals" in comments and "binding=depth:16" in comments
     assert "master_addr=x3006c0s13b0n0.hsn.cm.polaris.alcf.anl.gov" in comments
     assert "NCCL_NET=AWS\\ Libfabric" in comments and "NCCL_NET_GDR_LEVEL=PHB" in comments
     assert "FI_CXI_DEFAULT_CQ_SIZE=131072" in comments
+    assert "TMPDIR=/tmp" in comments
+    assert "warning: --depth" not in comments
 
 
 def test_launch_pbs_options(fakes):
-    fakes.gpus(4)
+    polaris(fakes)
     nodefile = fakes.nodefile()
     env = fakes.env(PBS_NODEFILE=nodefile)
     comments, argv = dry_run(fakes, env, "--no-nccl-env", "--ppn", "2", "--depth", "16")
     assert follows(argv, "-n", "4") and follows(argv, "--ppn", "2") and "--depth=16" in argv
     assert "NCCL_" not in comments and "FI_MR_CACHE_MONITOR=userfaultfd" in comments
+    assert "aws-ofi-nccl" not in comments        # nothing asks for the plugin
     # A value already in the environment (a conda module's) is kept.
     env["NCCL_NET_GDR_LEVEL"] = "SYS"
     comments, _ = dry_run(fakes, env)
@@ -232,13 +276,122 @@ def test_launch_pbs_options(fakes):
     assert "master_addr=x3006c0s13b0n0.hsn.example" in comments
     comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, PRELORA_HSN_SUFFIX=""))
     assert f"master_addr={HOSTS[0]} " in comments
+    # Another site's TMPDIR.
+    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, PRELORA_TMPDIR="/local/scratch"))
+    assert "TMPDIR=/local/scratch" in comments
 
 
 def test_launch_pbs_without_gpus(fakes):
-    fakes.gpus(0)
+    polaris(fakes, gpus=0)
     comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=fakes.nodefile(slots=1)))
     assert follows(argv, "-n", "8") and follows(argv, "--ppn", "4")   # the default
     assert "NCCL_" not in comments and "FI_" not in comments
+
+
+def test_launch_pbs_rendezvous_name_only_where_it_resolves(fakes):
+    """The Polaris high-speed-network suffix is added only where the name
+    resolves; another PBS site's node keeps its own name."""
+    fakes.gpus(0)
+    fakes.trainer()
+    fakes.mpiexec("pals")
+    fakes.resolvable("emu0", "emu1")
+    nodefile = fakes.nodefile(hosts=["emu0", "emu1"], slots=2)
+    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile))
+    assert "master_addr=emu0 " in comments and "PRELORA_MASTER_ADDR=emu0" in comments
+    assert "warning: emu0.hsn.cm.polaris.alcf.anl.gov does not resolve here" in comments
+    # A name the user gives is taken as it is.
+    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, PRELORA_MASTER_ADDR="10.1.2.3"))
+    assert "master_addr=10.1.2.3 " in comments and "does not resolve" not in comments
+
+
+def test_launch_pbs_mpich_hydra(fakes):
+    """PBS with MPICH's mpiexec (Hydra): its own options, each host once, and
+    the remote shell wrapped so a lost node is named."""
+    fakes.gpus(0)
+    fakes.trainer()
+    fakes.mpiexec("hydra")
+    fakes.resolvable("emu0", "emu1")
+    nodefile = fakes.nodefile(hosts=["emu0", "emu1"], slots=2)
+    comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile), "--ppn", "2")
+    assert follows(argv, "-n", "4") and follows(argv, "-ppn", "2")
+    assert follows(argv, "-hosts", "emu0,emu1") and "-envall" in argv
+    # No PALS options, which Hydra refuses ("unable to parse user arguments").
+    assert not any(a.startswith(("--depth", "--cpu-bind", "--ppn", "--hostfile")) for a in argv)
+    assert "-bind-to" not in argv
+    assert "mpi=hydra" in comments and "binding=none" in comments
+    assert f"HYDRA_LAUNCHER_EXEC={ROOT / 'scripts' / 'node_watch.sh'}" in comments
+    assert "PRELORA_REMOTE_SHELL=ssh" in comments and "PRELORA_JOB_PPN=2" in comments
+    assert argv[argv.index(str(AFFINITY)) + 1] == str(fakes.bin / "prelora-train")
+    # A binding when asked; a site's own remote shell is kept behind the watch.
+    comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, HYDRA_LAUNCHER_EXEC="/opt/rsh"),
+                             "--ppn", "2", "--depth", "4")
+    assert follows(argv, "-bind-to", "core:4") and "PRELORA_REMOTE_SHELL=/opt/rsh" in comments
+    # One host: nothing to watch.
+    comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=fakes.nodefile(hosts=["emu0"], slots=2)))
+    assert follows(argv, "-hosts", "emu0") and "node_watch" not in comments
+
+
+def test_launch_pbs_open_mpi(fakes):
+    fakes.gpus(0)
+    fakes.trainer()
+    fakes.mpiexec("openmpi")
+    nodefile = fakes.nodefile(hosts=["n0", "n1"], slots=2)
+    comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile), "--ppn", "2", "--depth", "8")
+    assert follows(argv, "-n", "4") and follows(argv, "--map-by", "ppr:2:node:PE=8")
+    assert follows(argv, "--bind-to", "core") and follows(argv, "--hostfile", str(nodefile))
+    # Open MPI forwards only the variables it is told to.
+    assert follows(argv, "-x", "PATH") and follows(argv, "-x", "PRELORA_MASTER_ADDR")
+    assert follows(argv, "-x", "TMPDIR") and "mpi=openmpi" in comments
+
+
+def test_launch_pbs_unknown_mpi_falls_back_to_pals_and_says_so(fakes):
+    fakes.gpus(0)
+    fakes.trainer()
+    fakes.mpiexec("unknown")
+    comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=fakes.nodefile()))
+    assert "--cpu-bind" in argv and "mpi=pals" in comments
+    assert "names none of Cray PALS, MPICH Hydra, Open MPI" in comments
+    comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=fakes.nodefile(), PRELORA_MPI_FLAVOUR="hydra"))
+    assert "-ppn" in argv and "mpi=hydra" in comments
+    r = run([LAUNCH, "--dry-run", "--", CONFIG], fakes.env(PBS_NODEFILE=fakes.nodefile(),
+                                                          PRELORA_MPI_FLAVOUR="mvapich"))
+    assert r.returncode == 2 and "PRELORA_MPI_FLAVOUR must be pals, hydra or openmpi" in r.stderr
+
+
+def test_launch_pbs_warns_when_depth_does_not_exceed_workers(fakes):
+    polaris(fakes, gpus=0)
+    env = fakes.env(PBS_NODEFILE=fakes.nodefile())
+    # The reference config has 8 workers per rank.
+    comments, _ = dry_run(fakes, env, "--depth", "8")
+    assert "warning: --depth 8 is not above data.num_workers=8" in comments
+    comments, _ = dry_run(fakes, env, "--depth", "8",
+                          train_args=("--output-dir", "runs/x", "data.num_workers=4"))
+    assert "warning: --depth" not in comments
+    comments, _ = dry_run(fakes, env, "--depth", "9")
+    assert "warning: --depth" not in comments
+
+
+def test_launch_pbs_aws_ofi_nccl_plugin(fakes, tmp_path):
+    """NCCL_NET="AWS Libfabric" needs the aws-ofi-nccl plugin on
+    LD_LIBRARY_PATH: found, it is put there; missing, the launch says so."""
+    polaris(fakes)
+    nodefile = fakes.nodefile()
+    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, LD_LIBRARY_PATH="/usr/lib"))
+    assert "ofi_nccl=missing" in comments
+    assert "warning: NCCL_NET=\"AWS Libfabric\" but no aws-ofi-nccl plugin" in comments
+    plugin = tmp_path / "aws-ofi-nccl" / "lib"
+    plugin.mkdir(parents=True)
+    (plugin / "libnccl-net.so").write_text("")
+    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, PRELORA_OFI_NCCL_DIR=plugin,
+                                           LD_LIBRARY_PATH="/usr/lib"))
+    assert f"ofi_nccl={plugin}" in comments and "warning: NCCL" not in comments
+    assert f"LD_LIBRARY_PATH={plugin}:/usr/lib" in comments
+    # Already on LD_LIBRARY_PATH (a module loaded it): found, nothing added.
+    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, LD_LIBRARY_PATH=f"/usr/lib:{plugin}"))
+    assert f"ofi_nccl={plugin}" in comments and "LD_LIBRARY_PATH=" not in comments
+    # --no-nccl-env: no NCCL_NET, no plugin needed.
+    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile), "--no-nccl-env")
+    assert "ofi_nccl" not in comments
 
 
 def test_launch_pbs_stop_timer_from_qstat(fakes):
@@ -350,7 +503,7 @@ def test_launch_stops_before_pbs_walltime(fakes):
     fakes.gpus(0)
     fakes.trainer()
     fakes.add("qstat", "printf '    Resource_List.walltime = 00:00:05\\n'")
-    fakes.add("mpiexec", 'while [ $# -gt 0 ] && [[ $1 != */gpu_affinity.sh ]]; do shift; done; exec "$@"')
+    fakes.mpiexec("pals", 'while [ $# -gt 0 ] && [[ $1 != */gpu_affinity.sh ]]; do shift; done; exec "$@"')
     env = fakes.env(PBS_NODEFILE=fakes.nodefile(), PBS_JOBID="1.polaris", FAKE_RUN_S=30)
     t0 = time.monotonic()
     r = run([LAUNCH, "--stop-before", "4", "--", CONFIG], env)
@@ -388,6 +541,35 @@ def test_gpu_affinity_leaves_things_alone(fakes):
     fakes.gpus(0)
     r = run([AFFINITY, *show], fakes.env(PMI_LOCAL_RANK=2))
     assert r.stdout.strip() == "unset" and r.returncode == 7
+
+
+# --------------------------------------------------------------------------- #
+# scripts/node_watch.sh (Hydra's remote shell under launch.sh)
+
+
+@pytest.mark.parametrize("ending, line", [
+    ("exit 0", None),
+    ("exit 3", None),                     # a proxy that ends with its job's failure
+    ("kill -KILL $$", "lost node n1 (ranks 2-3): its MPI proxy ended (killed by signal 9)"),
+    ("exit 255", "lost node n1 (ranks 2-3): lost the connection to it (REMOTE exited 255)"),
+])
+def test_node_watch_names_the_lost_node(fakes, ending, line):
+    remote = fakes.add("fake-ssh", f"""
+        printf '%s\\n' "$@" > "$FAKE_LOG/ssh.args"
+        {ending}
+    """)
+    env = fakes.env(PRELORA_REMOTE_SHELL=remote, PRELORA_JOB_HOSTS="n0.example n1.example n2.example",
+                    PRELORA_JOB_PPN=2)
+    # As Hydra calls its launcher: ssh options, the host, the proxy command.
+    r = run([NODE_WATCH, "-x", "-o", "BatchMode=yes", "n1", "/bin/proxy", "--port", "5"], env)
+    code = {"exit 0": 0, "exit 3": 3, "exit 255": 255}.get(ending, 137)
+    assert r.returncode == code
+    assert fakes.log.joinpath("ssh.args").read_text().split() == [
+        "-x", "-o", "BatchMode=yes", "n1", "/bin/proxy", "--port", "5"]
+    if line is None:
+        assert r.stderr == ""
+    else:
+        assert r.stderr.strip() == f"node_watch.sh: {line.replace('REMOTE', str(remote))}"
 
 
 # --------------------------------------------------------------------------- #
@@ -547,7 +729,7 @@ def pbs_fakes(fakes, walltime="01:00:00"):
     fakes.add("qstat", f"printf '    Resource_List.walltime = {walltime}\\n'")
     # mpiexec (Cray PALS on Polaris) records its options, then runs one rank
     # through the affinity wrapper as local rank 0.
-    fakes.add("mpiexec", """
+    fakes.mpiexec("pals", """
         printf '%s\\n' "$@" > "$FAKE_LOG/mpiexec.args"
         while [ $# -gt 0 ] && [[ $1 != */gpu_affinity.sh ]]; do shift; done
         PMI_LOCAL_RANK=0 exec "$@"
