@@ -51,9 +51,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from .config import Config, ConfigError, load_config  # noqa: E402
-from .convergence import NormTracker, assign_ranks, partial_convergence  # noqa: E402
-from .lora import freeze_base, inject_lora, lora_modules  # noqa: E402
+from .convergence import NormTracker, assign_ranks  # noqa: E402
+from .engine import base_optimizer  # noqa: E402
+from .lora import lora_modules  # noqa: E402
 from .model import build_model, count_parameters  # noqa: E402
+from .stages import shape_for_stage  # noqa: E402
 
 #: The reference machine's nodes: 4 A100 per Polaris node.
 GPUS_PER_NODE = 4
@@ -160,10 +162,7 @@ def adapter_parameter_count(model: nn.Module, rank_map: dict[str, int]) -> int:
 
 def stage3_model(cfg: Config, rank_map: dict[str, int]) -> nn.Module:
     """``cfg``'s model with adapters of ``rank_map`` injected and the base frozen."""
-    model = build_model(cfg.model)
-    inject_lora(model, rank_map, cfg.lora.alpha, cfg.lora.dropout)
-    freeze_base(model, cfg.prelora.stage3_trainable)
-    return model
+    return shape_for_stage(build_model(cfg.model), 3, rank_map, cfg)
 
 
 def count_only(cfg: Config, rank_map: dict[str, int], bandwidth_gbps: float = DEFAULT_BANDWIDTH_GBPS,
@@ -242,13 +241,6 @@ def _unique_tensors(obj, seen: set[int]):
 _MASTER_ATTRS = ("fp32_groups", "fp32_groups_flat_partition", "single_partition_of_fp32_groups")
 
 
-def _base_optimizer(engine) -> torch.optim.Optimizer:
-    opt = engine.optimizer
-    while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
-        opt = opt.optimizer
-    return opt
-
-
 def fp32_master_numel(engine) -> int:
     """Scalars in the fp32 master copies this rank holds (0 for plain fp32)."""
     seen: set[int] = set()
@@ -262,7 +254,7 @@ def optimizer_state_bytes(engine) -> int:
     """Bytes of optimizer state on this rank: AdamW moments (and step
     counters) plus fp32 master weights where the wrapper keeps them."""
     seen: set[int] = set()
-    base = _base_optimizer(engine)
+    base = base_optimizer(engine)
     n = sum(t.numel() * t.element_size() for t in _unique_tensors(list(base.state.values()), seen))
     for attr in _MASTER_ATTRS:
         masters = getattr(engine.optimizer, attr, None)
@@ -718,36 +710,49 @@ def bookkeeping_cost(ctx: Ctx, model: nn.Module, step_time: float, reps: int = 5
     """Seconds per window of the convergence bookkeeping, and its share of
     the window's step time.
 
-    Per window the trainer computes the tracked weights' sums of squares,
-    all-reduces them with the loss, records them and runs Algorithm 1 (and,
-    once, Algorithm 2). All of it is timed here on the stage-1 model.
+    Per window the trainer reduces the window statistics over ranks
+    (``train.reduce_window_stats``: norms, and each rank's share of the
+    relative updates and energy ranks, in one all-reduce) and rank 0's
+    ``SwitchPolicy`` decides. Both are timed here on the stage-1 model,
+    through the trainer's own functions, with the full test (and the rank
+    assignment) running at every timed window; ``update_stats_s`` is the
+    part spent on the update statistics alone.
     """
-    import torch.distributed as tdist
+    from .convergence import UpdateTracker
+    from .stages import SwitchParams, SwitchPolicy
+    from .train import reduce_window_stats
 
     cfg = ctx.cfg
+    params = SwitchParams.from_config(cfg)
     tracker = NormTracker(model, cfg.lora.target_modules, cfg.prelora.k)
-    # k - 1 earlier windows, so each timed window runs the full test.
-    for i in range(cfg.prelora.k - 1):
-        tracker.record(tracker.local_sumsq(model).sqrt() * (1 + 0.01 * i), 2.0 - 0.01 * i)
-    times = []
+    updates = UpdateTracker(tracker, ctx.dist.rank, ctx.dist.world_size, params.energy,
+                            params.r_min, params.r_max)
+    policy = SwitchPolicy(params, tracker.module_names, tracker.num_layers)
+
+    def window():
+        stats = reduce_window_stats(tracker, updates, model, 1.5, ctx.dist.world_size,
+                                    ctx.dist.device)
+        if ctx.dist.is_main:
+            policy.observe(stats, can_switch=True)
+
+    # k earlier windows, so each timed window has a full history to test.
+    for _ in range(cfg.prelora.k):
+        window()
+    times, update_times = [], []
     for _ in range(reps):
         ctx.barrier()
         t0 = time.perf_counter()
-        sumsq = tracker.local_sumsq(model)
-        buf = torch.cat([sumsq.flatten(), torch.tensor([1.0], dtype=torch.float64)]).to(ctx.dist.device)
-        if ctx.dist.world_size > 1:
-            tdist.all_reduce(buf)
-        buf = buf.cpu()
-        norms = (buf[:-1] / ctx.dist.world_size).view_as(sumsq).sqrt()
-        tracker.record(norms, 1.5)
-        wn, losses = tracker.history()
-        partial_convergence(wn, losses, cfg.prelora.tau, cfg.prelora.zeta)
-        assign_ranks(tracker.layer_changes(), cfg.prelora.r_min, cfg.prelora.r_max)
+        window()
         times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        updates.local_stats(model)
+        update_times.append(time.perf_counter() - t0)
     per_window = statistics.median(ctx.reduce(times, "max"))
+    update_s = statistics.median(ctx.reduce(update_times, "max"))
     ws = ctx.opts.window_steps
-    return {"per_window_s": per_window, "window_steps": ws,
-            "fraction_of_step_time": per_window / (ws * step_time) if ws else None}
+    return {"per_window_s": per_window, "update_stats_s": update_s, "window_steps": ws,
+            "fraction_of_step_time": per_window / (ws * step_time) if ws else None,
+            "update_fraction_of_step_time": update_s / (ws * step_time) if ws else None}
 
 
 # --------------------------------------------------------------------------- #
@@ -972,6 +977,10 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append(f"convergence bookkeeping: {bk['per_window_s'] * 1e3:.2f} ms per window of "
                      f"{bk['window_steps']} steps = "
                      + (f"{100 * frac:.3f}% of step time" if frac is not None else "n/a"))
+        ufrac = bk.get("update_fraction_of_step_time")
+        lines.append(f"  of which update statistics (relative update, energy ranks): "
+                     f"{bk['update_stats_s'] * 1e3:.2f} ms = "
+                     + (f"{100 * ufrac:.3f}% of step time" if ufrac is not None else "n/a"))
     if s3 and "checks" in s3:
         lines.append("")
         lines.append("stage-3 checks:")

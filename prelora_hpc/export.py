@@ -29,8 +29,9 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, load_config
-from .lora import inject_lora, lora_modules, merge_all
+from .lora import lora_modules, merge_all
 from .model import build_model
+from .stages import shape_for_stage
 
 MODEL_KWARGS = ("img_size", "num_classes", "patch_size", "embed_dim", "depth", "num_heads",
                 "in_chans")
@@ -55,8 +56,9 @@ def load_trained(run_dir: Path, checkpoint: Optional[str] = None):
     if point is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to export")
     model = build_model(cfg.model)
-    if point.stage >= 2 or cfg.run.mode == "lora":
-        inject_lora(model, point.rank_map, cfg.lora.alpha, cfg.lora.dropout)
+    # A lora run's checkpoints say stage 3 from step 0; either way the
+    # model takes the shape it was saved in.
+    shape_for_stage(model, point.stage, point.rank_map, cfg)
     if cfg.deepspeed.zero_stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
