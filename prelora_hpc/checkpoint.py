@@ -8,6 +8,7 @@ Layout under the run directory::
         prelora.json              sidecar: stage, step, rank map, config keys,
                                   size and CRC-32 of every file
         rng_rank00000.pt ...      per-rank RNG states
+        state_rank00000.pt ...    per-rank trainer state, if any
       step00000200-stage3/        a stage-switch checkpoint (kept forever)
       step00000124.saving/        a checkpoint being written (never resumed)
       step00000096.damaged/       one that failed verification, set aside
@@ -149,7 +150,7 @@ def file_owner(name: str, world_size: int) -> int:
     (``zero_pp_rank_3_...``), ours the global rank (``rng_rank00003.pt``);
     rank 0 writes the rest (``mp_rank_00_model_states.pt``).
     """
-    m = re.search(r"(?:zero_pp_rank_|rng_rank)(\d+)", name)
+    m = re.search(r"(?:zero_pp_rank_|rng_rank|state_rank)(\d+)", name)
     return int(m.group(1)) % world_size if m else 0
 
 
@@ -387,8 +388,13 @@ def _seal_own_files(directory: Path, rank: int, world_size: int) -> dict:
 
 
 def save(engine, cfg: Config, rank: int, tag: str, client_state: dict,
-         stage: int, global_step: int, rank_map: dict[str, int]) -> Path:
+         stage: int, global_step: int, rank_map: dict[str, int],
+         rank_state: Optional[dict] = None) -> Path:
     """Collective: every rank writes its part, then rank 0 seals the checkpoint.
+
+    ``client_state`` is the trainer's state, the same on every rank (saved
+    once, by DeepSpeed); ``rank_state`` what differs per rank (statistics of
+    the layers a rank measures), saved per rank, read back by ``load_rank_state``.
 
     Returns the tag directory. ``latest`` points at it only once all ranks
     have written, checksummed and fsynced their files; older periodic
@@ -412,6 +418,8 @@ def save(engine, cfg: Config, rank: int, tag: str, client_state: dict,
                                save_latest=False)
         in_deepspeed = False
         torch.save(rng_state(), staging / f"rng_rank{rank:05d}.pt")
+        if rank_state is not None:
+            torch.save(rank_state, staging / f"state_rank{rank:05d}.pt")
         files = _seal_own_files(staging, rank, world)
     except (OSError, RuntimeError) as e:
         if not _is_write_failure(e):
@@ -490,6 +498,12 @@ def load(engine, point: ResumePoint, rank: int) -> dict:
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=False))
     return client
+
+
+def load_rank_state(point: ResumePoint, rank: int) -> Optional[dict]:
+    """This rank's ``rank_state`` saved with the checkpoint, or None."""
+    f = point.path / f"state_rank{rank:05d}.pt"
+    return torch.load(f, map_location="cpu", weights_only=False) if f.is_file() else None
 
 
 def _fsync_dir(path: Path) -> None:

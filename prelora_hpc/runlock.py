@@ -10,7 +10,10 @@ lives, rank 0 touches the file every ``HEARTBEAT_S`` seconds.
 
 A lock is stale, and taken over, when its holder is gone: the same host and
 a pid that no longer exists, or a heartbeat older than ``STALE_S`` (a holder
-on another node, or one that was killed). A takeover renames the stale file
+on another node, or one that was killed). A heartbeat that is late but not
+yet that old (a job killed at the walltime, its successor starting on other
+nodes right away) is waited for: refreshed means alive, and the newcomer is
+refused; still silent at ``STALE_S`` means gone, and it takes over. A takeover renames the stale file
 to a private name first, so of several processes taking over one lock only
 one wins; one that finds it took a live holder's lock gives it back.
 """
@@ -28,9 +31,9 @@ from typing import Optional
 
 LOCK_NAME = "prelora.lock"
 #: Seconds between heartbeats (the lock file's mtime).
-HEARTBEAT_S = 30.0
+HEARTBEAT_S = 15.0
 #: A lock whose heartbeat is older than this is stale, wherever its holder ran.
-STALE_S = 300.0
+STALE_S = 120.0
 
 
 class RunLocked(RuntimeError):
@@ -90,6 +93,10 @@ class RunLock:
                     if holder is None:
                         continue            # vanished meanwhile (released): try again
                     why = self._stale_because(holder, age)
+                    if why is None and age > 2 * self.heartbeat_s:
+                        holder, age, why = self._wait_for_heartbeat(holder, age)
+                        if holder is None:
+                            continue
                     if why is None:
                         raise RunLocked(
                             f"{self.path.parent} is in use by another run ({_describe(holder)}, "
@@ -122,6 +129,20 @@ class RunLock:
             # A half-written or foreign file: judged by its age alone.
             holder = {"host": "?", "pid": "?", "token": None}
         return holder, age
+
+    def _wait_for_heartbeat(self, holder: dict, age: float):
+        """A late heartbeat: wait until it comes (alive) or ``stale_s`` passes (gone)."""
+        while True:
+            time.sleep(max(0.05, min(self.heartbeat_s, self.stale_s - age + 0.05)))
+            now, new_age = self._read_holder()
+            if now is None or now.get("token") != holder.get("token"):
+                return None, 0.0, None          # released or replaced meanwhile
+            if new_age < age:
+                return now, new_age, None        # it beat: alive
+            why = self._stale_because(now, new_age)
+            if why is not None:
+                return now, new_age, why
+            age = new_age
 
     def _stale_because(self, holder: dict, age: float) -> Optional[str]:
         if age > self.stale_s:

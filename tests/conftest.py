@@ -85,3 +85,29 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "Slurm jobs")
         for line in _jobs_seen:
             terminalreporter.write_line(line)
+
+
+# Soak tests (tests/test_soak.py) report what they survived here, so the
+# figure shows in a plain ``pytest -ra`` run.
+_soak_lines: list[str] = []
+
+
+@pytest.fixture
+def soak_report() -> list[str]:
+    """Lines for the "Soak" section of the terminal summary."""
+    return _soak_lines
+
+
+def _soak_summary(terminalreporter) -> None:
+    if _soak_lines:
+        terminalreporter.write_sep("-", "Soak")
+        for line in _soak_lines:
+            terminalreporter.write_line(line)
+
+
+_slurm_summary = pytest_terminal_summary
+
+
+def pytest_terminal_summary(terminalreporter):  # noqa: F811 - extends the one above
+    _slurm_summary(terminalreporter)
+    _soak_summary(terminalreporter)

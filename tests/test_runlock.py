@@ -86,3 +86,13 @@ def test_two_at_once_one_wins(tmp_path):
     finally:
         first.release()
     RunLock(tmp_path).acquire().release()
+
+
+def test_late_heartbeat_is_waited_for_then_taken_over(tmp_path):
+    # A holder on another node, killed 3 s ago: its successor waits out the
+    # stale bound instead of being refused (a job chain must go on).
+    plant(tmp_path, age_s=3, host="x3005c0s7b0n0", pid=1)
+    t0 = time.time()
+    with RunLock(tmp_path, heartbeat_s=1, stale_s=4) as lock:
+        assert "no heartbeat for" in lock.note
+        assert 0.5 < time.time() - t0 < 4
