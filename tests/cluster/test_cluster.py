@@ -125,22 +125,42 @@ def test_nodes_resolve_each_other_over_a_capped_link(emu_cluster):
     c.summary["link"] = f"{measured / 1e6:.0f} Mbit/s measured over a {c.rate} cap"
 
 
-def test_pbs_job_across_two_nodes_runs_three_stages(emu_cluster, tmp_path):
-    """2 nodes x 2 ranks through the real template and launch line: per-node
-    local ranks, node 0's name as the rendezvous on every node, gloo on the
-    inter-node link, DeepSpeed's shared-memory op off, and the same rank-0
-    decision and weights on both nodes after the three stages."""
+@pytest.fixture(scope="module")
+def three_stages(emu_cluster, tmp_path_factory):
+    """One 2 x 2 job through the three stages, a checkpoint after every step."""
     c = emu_cluster
-    run_dir = tmp_path / "run"
-    argv, env = pbs_job(c, tmp_path, c.hosts, run_dir, "configs/quickstart.yaml",
-                        [*QUICK, "run.max_steps=8"], trainer=str(PROBE))
+    tmp = tmp_path_factory.mktemp("three_stages")
+    run_dir = tmp / "run"
+    argv, env = pbs_job(c, tmp, c.hosts, run_dir, "configs/quickstart.yaml", THREE_STAGES,
+                        trainer=str(PROBE))
     before = c.link_bytes(c.hosts[1])
     t0 = time.monotonic()
     r = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     took = time.monotonic() - t0
     out = r.stdout + r.stderr
     assert r.returncode == 0, tail(out)
-    crossed = c.link_bytes(c.hosts[1]) - before
+    return run_dir, out, took, c.link_bytes(c.hosts[1]) - before
+
+
+THREE_STAGES = [*QUICK, "run.max_steps=8", "checkpoint.every_steps=1", "checkpoint.keep_last=20"]
+
+
+def step_losses(run_dir):
+    from prelora_hpc.metrics import read_metrics
+
+    out = {}
+    for rec in read_metrics(run_dir, "step"):
+        out[rec["step"]] = rec["loss"]      # a resumed run's records override
+    return out
+
+
+def test_pbs_job_across_two_nodes_runs_three_stages(emu_cluster, three_stages):
+    """2 nodes x 2 ranks through the real template and launch line: per-node
+    local ranks, node 0's name as the rendezvous on every node, gloo on the
+    inter-node link, DeepSpeed's shared-memory op off, and the same rank-0
+    decision and weights on both nodes after the three stages."""
+    c = emu_cluster
+    run_dir, out, took, crossed = three_stages
 
     # The launch line launch.sh chose for Hydra on this PBS "site".
     assert f"scheduler=pbs nodes=2 ranks_per_node={PPN} ranks=4" in out, tail(out)
@@ -171,6 +191,31 @@ def test_pbs_job_across_two_nodes_runs_three_stages(emu_cluster, tmp_path):
     assert crossed > 2_000_000, f"only {crossed} bytes crossed {c.hosts[1]}'s link"
     c.summary["ranks per node"] = f"{PPN} (4 ranks); three stages in {took:.0f} s, " \
                                   f"{crossed / 1e6:.1f} MB over {c.hosts[1]}'s link"
+
+
+def test_checkpoint_written_across_nodes_resumes_exactly(emu_cluster, three_stages, tmp_path):
+    """A 2 x 2 job resumed from the step-5 checkpoint of another (mid stage 2,
+    before the switch to stage 3) repeats that run's losses exactly."""
+    c = emu_cluster
+    ref_dir = three_stages[0]
+    ref = step_losses(ref_dir)
+    assert sorted(ref) == list(range(1, 9))
+    (point,) = (ref_dir / "checkpoints").glob("step00000005*")
+    run_dir = tmp_path / "resumed"
+    argv, env = pbs_job(c, tmp_path, c.hosts, run_dir, "configs/quickstart.yaml",
+                        [*THREE_STAGES, f"checkpoint.resume={point}"], trainer=str(PROBE))
+    r = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, tail(out)
+    assert "in stage 2 (full + LoRA) at step 5" in out and "switch to stage 3" in out, tail(out)
+    got = step_losses(run_dir)
+    assert sorted(got) == [6, 7, 8]
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], abs=1e-5), f"step {step}"
+    resumed = [json.loads((run_dir / "probe" / f"rank{i}.json").read_text()) for i in range(4)]
+    reference = json.loads((ref_dir / "probe" / "rank0.json").read_text())
+    assert all(rec["param_sha256"] == resumed[0]["param_sha256"] for rec in resumed)
+    assert resumed[0]["rank_map"] == reference["rank_map"]
 
 
 def _wait_for(pred, timeout, what, proc=None):
