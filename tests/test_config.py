@@ -81,3 +81,24 @@ def test_shipped_configs_load():
     assert files, "configs/ ships YAML presets"
     for f in files:
         load_config(f)
+
+
+@pytest.mark.parametrize("text,key", [
+    ("prelora:\n  criterion: loss\n", "prelora.criterion"),
+    ("prelora:\n  tau_update: -1\n", "prelora.tau_update"),
+    ("prelora:\n  rank_rule: energy\n  energy: 1.5\n", "prelora.energy"),
+    ("lora:\n  lr_scale: 0\n", "lora.lr_scale"),
+    ("lora:\n  lr_ratio_b: -2\n", "lora.lr_ratio_b"),
+    ("prelora:\n  criterion: update\ndeepspeed:\n  zero_stage: 3\n", "prelora.criterion"),
+])
+def test_switch_and_adapter_knobs_are_checked(tmp_path, text, key):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert key in str(e.value) and str(p) in str(e.value)
+
+
+def test_switch_and_adapter_defaults():
+    cfg = load_config(None)
+    assert (cfg.prelora.criterion, cfg.prelora.rank_rule) == ("norm", "norm")
+    assert (cfg.lora.lr_scale, cfg.lora.lr_ratio_b) == (1.0, 16.0)

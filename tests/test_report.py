@@ -20,7 +20,8 @@ from prelora_hpc.replay import ReplayParams, replay
 # The switch is not at the first window the test could run, so a replay
 # that ignores min_windows or k would show.
 SHORT_RUN = ["run.epochs=3", "model.img_size=16", "prelora.tau=5", "prelora.zeta=50", "prelora.k=2",
-             "prelora.warmup_windows=1", "prelora.min_windows=4"]
+             "prelora.warmup_windows=1", "prelora.min_windows=4", "prelora.window_steps=5",
+             "optim.warmup_steps=20", "logging.interval_steps=11"]
 
 PLOTS = ["curves.png", "convergence.png", "rank_map.png", "throughput.png"]
 
@@ -102,6 +103,27 @@ def test_replay_with_looser_tau_switches_no_later(short_run):
     # Without min_windows the loose test passes as soon as k windows exist.
     res = replay(run.windows, ReplayParams.parse("min_windows=0", base), run.first_switch)
     assert res.window == base.k
+
+
+@pytest.mark.mpi
+def test_replay_with_the_update_criterion_uses_the_recorded_updates(short_run):
+    run = report.load_run(short_run)
+    base = ReplayParams.from_config(load_config(short_run / "config.yaml"))
+    # Every stage-1 window after the first recorded a relative update.
+    assert all(w["updates"] is not None for w in run.windows[1:] if w["stage"] == 1)
+    loose = replay(run.windows, ReplayParams.parse("criterion=update,tau_update=1000,"
+                                                   "zeta=1000,min_windows=0", base), None)
+    # k = 2 windows, one measured update between them: window 2 at the earliest.
+    assert loose.switched and loose.window == 2
+    assert all(c.max_update is not None for c in loose.checks[1:])
+    strict = replay(run.windows, ReplayParams.parse("criterion=update,tau_update=0", base), None)
+    assert not strict.switched
+    energy = replay(run.windows, ReplayParams.parse("criterion=update,tau_update=1000,zeta=1000,"
+                                                    "min_windows=0,rank_rule=energy", base), None)
+    w2 = run.windows[1]
+    assert energy.rank_map == {f"blocks.{l}.{m}": int(w2["energy_ranks"][i][l])
+                               for i, m in enumerate(w2["modules"])
+                               for l in range(len(w2["energy_ranks"][0]))}
 
 
 @pytest.mark.mpi

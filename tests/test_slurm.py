@@ -217,10 +217,12 @@ def test_impossible_request_is_refused_at_sbatch(slurm, tmp_path):
 
 
 def test_quickstart_completes_as_one_two_rank_world(slurm, tmp_path):
-    """The quick start, shortened to 6 epochs (132 steps; the switches come at
-    about steps 70 and 80), runs through all three stages on 2 ranks."""
+    """The quick start, shortened to 6 epochs (132 steps) with 5-step windows
+    and thresholds that pass at once (switches at steps 15 and 20), runs
+    through all three stages on 2 ranks."""
     sub = Submission(slurm, tmp_path, "quick start")
-    job = sub.submit(train_args="run.epochs=6")
+    job = sub.submit(train_args="run.epochs=6 prelora.window_steps=5 prelora.tau=100 "
+                                "prelora.zeta=100")
     info = sub.wait(job, START_S + 300)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), sub.explain(job)
     assert info["NumTasks"] == "2", info

@@ -50,6 +50,23 @@ def test_engine_optimizer_holds_exactly_the_stage_trainable_set(probe):
     assert len(set(r0["engine_sets"]["2"][0])) > len(set(r0["engine_sets"]["1"][0])) > len(s3)
 
 
+def test_stage3_windows_show_what_the_effective_weight_still_moves(probe):
+    out, _, log = probe
+    windows = read_metrics(out, "window")
+    stage3 = [w for w in windows if w["stage"] == 3]
+    assert len(stage3) >= 2
+    for w in stage3[1:]:
+        # The base is frozen, but W0 + s B A moves: dW is not 0.000 %.
+        assert any(abs(v) > 0 for v in w["dW"].values()), w["dW"]
+        assert w["base_norms"] is not None and w["base_norms"] != w["norms"]
+        assert w["du"] and all(v > 0 for v in w["du"].values())
+    # The frozen base itself does not move across stage-3 windows.
+    assert stage3[1]["base_norms"] == stage3[-1]["base_norms"]
+    # Stage 1 tracks the base weights exactly as before: no adapters yet.
+    assert all(w["base_norms"] is None for w in windows if w["stage"] == 1)
+    assert "[stage 3 (LoRA only)] step" in log and "dW(eff)" in log
+
+
 def test_stage3_trainable_count_matches_the_log(probe):
     out, (r0, _), log = probe
     last = read_metrics(out, "switch")[-1]
