@@ -2,7 +2,6 @@
 directory, a full disk, Ctrl-C. Real MPI ranks, real DeepSpeed on the CPU."""
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -237,27 +236,36 @@ def test_ctrl_c_checkpoints_exits_130_and_the_same_command_resumes(tmp_path):
 
 
 def test_second_ctrl_c_ends_at_once(tmp_path):
-    proc = _start(tmp_path)
+    cmd = [mpiexec(), "-n", "2", *script_cmd("slow_stop_checkpoint.py", 60, "--config", CONFIG,
+                                             "--output-dir", tmp_path, *BASE, "run.epochs=200")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_steps(tmp_path, 3, proc)
+        _wait_for_steps(tmp_path, 5, proc)
         ranks = _ranks_of(tmp_path)
         assert len(ranks) == 2
-        for _ in range(2):
-            for r in ranks:
-                r.send_signal(signal.SIGINT)
-            time.sleep(0.05)
+        for r in ranks:
+            r.send_signal(signal.SIGINT)
+        # A step ends within a second: both ranks are then in the (slow)
+        # stop checkpoint, and training has stopped.
+        time.sleep(4)
+        latest = (tmp_path / "checkpoints" / "latest").read_text()
         t0 = time.time()
+        for r in ranks:
+            r.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
         elapsed = time.time() - t0
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == EXIT_INTERRUPTED
+    assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]
     assert elapsed < 20, f"{elapsed:.0f} s to end after a second Ctrl-C"
-    assert "second interrupt: stopping now" in err and "Traceback" not in out + err
-    # Whatever was the latest complete checkpoint still is, and verifies.
+    assert out.count("writing the stop checkpoint") == 2, out[-2000:]
+    assert "second interrupt: stopping now without a checkpoint" in err
+    assert "Traceback" not in out + err
+    # The last complete checkpoint is still the latest, and verifies.
     point = point_of(tmp_path)
-    assert point is None or ckpt.verify(point) == []
+    assert point.tag == latest and ckpt.verify(point) == []
 
 
 @pytest.fixture
