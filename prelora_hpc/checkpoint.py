@@ -267,9 +267,16 @@ def find_resume(cfg: Config, explicit: Optional[str] = None, *, rank: int = 0,
     collective = world_size > 1
     payload = [None]
     if rank == 0:
-        payload[0] = _read_all(cfg, choice)
+        try:
+            payload[0] = _read_all(cfg, choice)
+        except OSError as e:
+            # Raised on every rank below: a rank-0-only error would leave
+            # the others waiting in the broadcast.
+            payload[0] = f"cannot read the checkpoints of {cfg.run.output_dir}: {e}"
     if collective:
         tdist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], str):
+        raise CheckpointError(payload[0])
     items, notes = payload[0]
     if not items:
         return None
@@ -406,12 +413,19 @@ def save(engine, cfg: Config, rank: int, tag: str, client_state: dict,
     world = tdist.get_world_size()
     root = checkpoint_root(cfg.run.output_dir)
     staging = root / (tag + SAVING)
+    ready = [None]
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        # Left by a job killed mid-save; the run lock says no one else writes here.
-        for p in root.glob("*" + SAVING):
-            shutil.rmtree(p, ignore_errors=True)
-    tdist.barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            # Left by a job killed mid-save; the run lock says no one else writes here.
+            for p in root.glob("*" + SAVING):
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError as e:
+            ready[0] = _describe_write_failure(e, root, 0, world)
+    # Agreed before DeepSpeed's collective save starts, so no rank enters it alone.
+    tdist.broadcast_object_list(ready, src=0)
+    if ready[0] is not None:
+        raise CheckpointWriteError(f"checkpoint {tag} not written: {ready[0]}")
     error, files, in_deepspeed = None, {}, True
     try:
         engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state,
