@@ -436,6 +436,7 @@ class UpdateTracker:
             cur = self.norms.effective_weight(self.norms.module_names[i], l, model)
             prev = self._prev.get((i, l))
             if prev is not None:
+                prev = prev.to(cur.device)
                 out[0, i, l] = relative_update(prev, cur)
                 if self.energy is not None:
                     s = torch.linalg.svdvals(cur - prev).cpu().numpy()
@@ -444,6 +445,20 @@ class UpdateTracker:
             self._prev[(i, l)] = cur
         return out
 
-    def forget(self) -> None:
-        """Drop the reference copies (a resume starts the update history anew)."""
-        self._prev.clear()
+    def state_dict(self) -> dict:
+        """This rank's reference copies (CPU tensors by ``"module_index,layer"``),
+        for a per-rank checkpoint file: a resume then measures the next window
+        against the same weights as an uninterrupted run."""
+        return {f"{i},{l}": w.detach().cpu() for (i, l), w in self._prev.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict``'s copies (moved to the weights' device at
+        their first use); copies of layers this rank does not own are an error (another world
+        size splits the layers differently: pass an empty dict instead)."""
+        prev = {}
+        for key, w in state.items():
+            i, l = (int(x) for x in key.split(","))
+            if (i, l) not in self.owned:
+                raise ValueError(f"update statistics: layer {key} belongs to another rank")
+            prev[(i, l)] = w
+        self._prev = prev

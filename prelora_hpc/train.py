@@ -201,6 +201,7 @@ class Trainer:
         if point is not None:
             client = ckpt.load(self.engine, point, dist.rank)
             self.load_state_dict(client)
+            self.load_rank_state_dict(ckpt.load_rank_state(point, dist.rank))
             self.log.info(f"resumed from {point.path} in {stage_name(self.p.stage)} at step "
                           f"{self.p.global_step} (epoch {self.p.epoch})")
         self._log_start(point)
@@ -210,6 +211,20 @@ class Trainer:
         """The trainer's own progress (DeepSpeed saves weights and optimizer)."""
         return {"progress": vars(self.p).copy(), "rank_map": dict(self.rank_map),
                 "policy": self.policy.state_dict(), "mode": self.cfg.run.mode}
+
+    def rank_state_dict(self) -> Optional[dict]:
+        """What differs per rank: the update statistics' reference copies of
+        the layers this rank measures (None without update statistics)."""
+        if self.updates is None:
+            return None
+        return {"world_size": self.dist.world_size, "updates": self.updates.state_dict()}
+
+    def load_rank_state_dict(self, d: Optional[dict]) -> None:
+        """Restore ``rank_state_dict``; on another world size the layers are
+        split differently, so the update history restarts (one window later)."""
+        if self.updates is not None and d is not None and \
+                d["world_size"] == self.dist.world_size:
+            self.updates.load_state_dict(d["updates"])
 
     def load_state_dict(self, d: dict) -> None:
         self.p = Progress(**d["progress"])
@@ -388,7 +403,8 @@ class Trainer:
         """Collective checkpoint of the current optimizer-step boundary."""
         tag = tag or f"step{self.p.global_step:08d}"
         path = ckpt.save(self.engine, self.cfg, self.dist.rank, tag, self.state_dict(),
-                         self.p.stage, self.p.global_step, self.rank_map)
+                         self.p.stage, self.p.global_step, self.rank_map,
+                         rank_state=self.rank_state_dict())
         self.log.info(f"checkpoint {path}")
         return path
 

@@ -200,3 +200,19 @@ def test_update_tracker_splits_layers_over_ranks_and_sums_to_the_whole(vit):
     assert torch.allclose(second[0], torch.full((4, 2), 2.0, dtype=torch.float64))
     # A uniform scaling is rank-1 only if the weight is; energy ranks are in R.
     assert set(second[1].flatten().tolist()) <= {2.0, 4.0, 8.0}
+
+
+def test_update_tracker_state_round_trip_measures_the_same_next_window(vit):
+    tracker = NormTracker(vit, MODULES, k=3)
+    a = UpdateTracker(tracker, 0, 2, energy=0.9, r_min=2, r_max=8)
+    a.local_stats()
+    saved = a.state_dict()
+    b = UpdateTracker(tracker, 0, 2, energy=0.9, r_min=2, r_max=8)
+    b.load_state_dict(saved)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(0.01)
+    assert torch.equal(a.local_stats(), b.local_stats())
+    other = UpdateTracker(tracker, 1, 2)
+    with pytest.raises(ValueError, match="belongs to another rank"):
+        other.load_state_dict(saved)
