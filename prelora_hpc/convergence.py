@@ -1,7 +1,7 @@
 """Weight-norm statistics, the partial convergence test and rank assignment.
 
 Algorithm 1 (``partial_convergence``) and Algorithm 2 (``assign_ranks``) are
-pure functions on numbers, exactly as DESIGN.md states them. ``NormTracker``
+pure functions on numbers, exactly as docs/architecture.md states them. ``NormTracker``
 reads the per-layer norms from a timm ViT and keeps the last ``k`` windows.
 Nothing here communicates: the trainer all-reduces ``local_sumsq()``, rank 0
 records and decides, and the decision is broadcast.
