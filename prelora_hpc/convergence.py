@@ -1,10 +1,13 @@
-"""Weight-norm statistics, the partial convergence test and rank assignment.
+"""Window statistics and the algorithms that judge them: pure numbers.
 
-Algorithm 1 (``partial_convergence``) and Algorithm 2 (``assign_ranks``) are
-pure functions on numbers, exactly as docs/architecture.md states them. ``NormTracker``
-reads the per-layer norms from a timm ViT and keeps the last ``k`` windows.
-Nothing here communicates: the trainer all-reduces ``local_sumsq()``, rank 0
-records and decides, and the decision is broadcast.
+Algorithm 1 (``partial_convergence``), Algorithm 2 (``assign_ranks``), the
+update test (``update_convergence``) and ``energy_rank`` are pure functions,
+exactly as docs/architecture.md states them. ``WindowHistory`` keeps the
+last ``k`` windows; ``NormTracker`` reads per-layer norms of the base and of
+the effective weights from a timm ViT; ``UpdateTracker`` measures this
+rank's share of the per-window relative updates. Nothing here
+communicates: the trainer all-reduces, rank 0's ``SwitchPolicy`` decides,
+and the decision is broadcast.
 """
 
 from __future__ import annotations
