@@ -24,10 +24,6 @@ TOTAL = 8 * EPOCHS
 BASE = ["logging.interval_steps=1", "checkpoint.every_steps=3", f"run.epochs={EPOCHS}"]
 #: Fields that measure time or memory, not the training.
 UNSTABLE = {"time", "images_per_s", "wall_s", "peak_memory_bytes"}
-#: Per-window update statistics: their history restarts at a resume
-#: (UpdateTracker.forget), so the first window after one has none. They are
-#: recorded, not decided on, under this config.
-UNSTABLE |= {"updates", "energy_ranks", "du"}
 KINDS = ("step", "window", "switch", "epoch", "end")
 
 
