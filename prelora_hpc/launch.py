@@ -190,14 +190,74 @@ def _bind_comm_to_link(master_ip: str, local_size: int, world: int) -> None:
 #: Across nodes: each node's address on the inter-node link -> (host, ranks),
 #: so an error naming a peer's address can say which ranks it lost.
 _PEERS: dict[str, tuple[str, list[int]]] = {}
+#: Across nodes: each node's address -> the port of its rank's answering socket.
+_ANSWER_PORTS: dict[str, int] = {}
+#: Seconds a lost peer gets to answer a connection when an error names none.
+PROBE_TIMEOUT_S = 2.0
+#: Seconds MPI_Abort gets to end this process; a launcher that cannot reach
+#: its other nodes may never answer it.
+ABORT_GRACE_S = 10
+
+
+def _answering_socket(addr: str) -> int:
+    """A socket on ``addr`` that accepts and closes connections, from a daemon
+    thread: after a failure the other nodes can tell a node that is gone
+    (no answer) from one that is merely slow. Returns its port."""
+    import threading
+
+    srv = socket.create_server((addr, 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=serve, name="prelora-answer", daemon=True).start()
+    return srv.getsockname()[1]
 
 
 def _record_peers(comm, master_ip: str) -> None:
-    me = (source_address(master_ip) or "", socket.gethostname(), comm.Get_rank())
+    addr = source_address(master_ip) or ""
+    port = 0
+    if addr:
+        try:
+            port = _answering_socket(addr)
+        except OSError:
+            port = 0
+    me = (addr, socket.gethostname(), comm.Get_rank(), port)
     _PEERS.clear()
-    for addr, host, r in comm.allgather(me):
-        if addr:
-            _PEERS.setdefault(addr, (host, []))[1].append(r)
+    _ANSWER_PORTS.clear()
+    for a, host, r, p in comm.allgather(me):
+        if a:
+            _PEERS.setdefault(a, (host, []))[1].append(r)
+            if p and a not in _ANSWER_PORTS:
+                _ANSWER_PORTS[a] = p
+
+
+def silent_peers(timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
+    """The other nodes of this job that do not answer a connection within
+    ``timeout_s``, as "ranks 2-3 on emu1 (10.0.0.2)"; in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    me = {a for a, (host, _) in _PEERS.items() if host == socket.gethostname()}
+    targets = [(a, p) for a, p in _ANSWER_PORTS.items() if a not in me]
+
+    def answers(target) -> bool:
+        try:
+            socket.create_connection(target, timeout=timeout_s).close()
+            return True
+        except OSError:
+            return False
+
+    if not targets:
+        return []
+    with ThreadPoolExecutor(max_workers=min(64, len(targets))) as pool:
+        alive = list(pool.map(answers, targets))
+    return [f"{_ranks_text(_PEERS[a][1])} on {_PEERS[a][0]} ({a})"
+            for (a, _), ok in zip(targets, alive) if not ok]
 
 
 def _ranks_text(ranks: list[int]) -> str:
@@ -230,6 +290,25 @@ def _select_device(local_rank: int) -> torch.device:
     index = 0 if count == 1 else local_rank % count
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+def _bound_new_groups(timeout_s: int) -> None:
+    """Give process groups made later the job's collective timeout.
+
+    ``new_group`` without a timeout takes torch's module default (30 min
+    for gloo, 10 for NCCL), not the world group's, and DeepSpeed makes its
+    data-parallel groups that way; the engine's broadcasts and reductions
+    run on them. A peer that vanishes without closing its sockets (a node
+    that dies, a link that goes down) then holds every rank for that long,
+    until TCP itself gives up. Checked in torch 2.14 (distributed_c10d
+    ``_get_default_timeout`` reads these module globals) with DeepSpeed 0.19.8.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    bound = datetime.timedelta(seconds=timeout_s)
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(c10d, name, None), datetime.timedelta):
+            setattr(c10d, name, bound)
 
 
 def init_distributed(timeout_s: int = 600) -> DistInfo:
@@ -271,6 +350,7 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
 
     import deepspeed
 
+    _bound_new_groups(timeout_s)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(
             dist_backend=backend,
@@ -307,13 +387,24 @@ def abort(message: str, code: int = 1) -> None:
     ``MPI_Abort`` makes the launcher kill the others, so nothing hangs.
     """
     rank = MPI.COMM_WORLD.Get_rank()
+    # gloo's own text goes on with advice; the address is what matters.
+    message = message.split(" This is typically caused")[0]
     lost = describe_lost_peer(message)
     if lost:
-        # gloo's own text goes on with advice; the address is what matters.
-        message = message.split(" This is typically caused")[0]
         message = f"lost contact with {lost}: {message}"
+    elif _ANSWER_PORTS:
+        # A timeout names no peer: a node that no longer answers at all is
+        # the likely cause (it died, or its link went down).
+        silent = silent_peers()
+        if silent:
+            message = f"no answer from {'; '.join(silent)}: {message}"
     print(f"[rank {rank}] error: {message}", file=sys.stderr, flush=True)
     if MPI.COMM_WORLD.Get_size() > 1:
+        # The default action of SIGALRM ends the process even while MPI_Abort
+        # blocks in C: a rank cut off from the launcher's other nodes would
+        # otherwise wait for an answer that never comes.
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(ABORT_GRACE_S)
         MPI.COMM_WORLD.Abort(code)
     sys.exit(code)
 
