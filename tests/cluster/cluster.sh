@@ -9,7 +9,8 @@
 #                                   switch, each link capped at RATE (tc
 #                                   syntax: 1gbit, 200mbit; default 1gbit);
 #                                   a no-op when a cluster with the same N is
-#                                   up (the rate is then changed in place)
+#                                   up (its links are then brought up and
+#                                   the rate is changed in place)
 #   tests/cluster/cluster.sh stop   kill every process still inside a node,
 #                                   delete the namespaces, links and host
 #                                   files (a no-op when stopped)
@@ -159,6 +160,9 @@ start() {
     require
     mkdir -p "$DIR"
     if is_up && [ "$(recorded_nodes | wc -l)" = "$nodes" ]; then
+        # Links someone took down come back up: a start gives a whole cluster.
+        local n
+        while read -r n; do ip netns exec "$n" ip link set eth0 up; done < <(recorded_nodes)
         set_rate "$rate"
         say "already up: $(recorded_nodes | tr '\n' ' ')at $rate"
         return 0

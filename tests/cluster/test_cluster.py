@@ -285,3 +285,46 @@ def test_node_loss_ends_the_job_and_the_remaining_node_resumes(emu_cluster, tmp_
     again = ckpt.find_resume(load_config(run_dir / "config.yaml"))
     assert again.global_step == stop
     c.summary["resume"] = f"from step {point.global_step} on {c.hosts[0]} alone (2 ranks), to step {stop}"
+
+
+def test_link_down_ends_the_job_within_the_collective_timeout(emu_cluster, tmp_path):
+    """Node 1's link taken down mid-run: its ranks stay alive but silent, no
+    socket closes, so only timeouts can end the job. It ends on both nodes
+    within run.collective_timeout_s plus a margin (the groups DeepSpeed makes
+    carry the job's timeout, not torch's 30 min), and one line names the
+    node that stopped answering."""
+    c = emu_cluster
+    run_dir = tmp_path / "run"
+    timeout_s = 15
+    argv, env = pbs_job(c, tmp_path, c.hosts, run_dir, "configs/vit_tiny_cpu.yaml",
+                        [*QUICK, "run.epochs=500", "checkpoint.every_steps=2",
+                         f"run.collective_timeout_s={timeout_s}"])
+    job = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    down = False
+    try:
+        _wait_for((run_dir / "checkpoints" / "latest").is_file, 300, "a first checkpoint", job)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        subprocess.run(["bash", str(Path(__file__).parent / "cluster.sh"), "link", c.hosts[1], "down"],
+                       check=True, capture_output=True, timeout=30)
+        down = True
+        out, _ = job.communicate(timeout=timeout_s + MARGIN_S + 120)
+        ended = time.monotonic() - t0
+        # The cut-off node's ranks end too (within launch.py's abort grace).
+        _wait_for(lambda: not subprocess.run(
+            ["ip", "netns", "pids", c.hosts[1]], capture_output=True, text=True).stdout.strip(),
+            30, f"the processes on {c.hosts[1]} to end")
+    finally:
+        if job.poll() is None:
+            job.kill()
+        if down:
+            c.kill(c.hosts[1])
+            subprocess.run(["bash", str(Path(__file__).parent / "cluster.sh"), "link", c.hosts[1], "up"],
+                           capture_output=True, timeout=30)
+    assert job.returncode not in (0, 85), tail(out)
+    assert ended < timeout_s + MARGIN_S, f"the job took {ended:.1f} s to end after the link went down"
+    named = [line for line in out.splitlines() if f"no answer from ranks 2-3 on {c.hosts[1]}" in line]
+    assert len(named) >= 1, tail(out)
+    c.summary["link down"] = (f"{c.hosts[1]}'s link down mid-run: the job ended {ended:.1f} s later "
+                              f"(bound: collective timeout {timeout_s} s + {MARGIN_S} s)")
