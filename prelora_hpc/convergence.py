@@ -348,10 +348,13 @@ def relative_update(prev: torch.Tensor, cur: torch.Tensor) -> float:
 
 
 def energy_rank(singular_values: list[float] | np.ndarray, share: float, r_min: int,
-                r_max: int) -> int:
+                r_max: int, total_energy: float | None = None) -> int:
     """The smallest power of two in [r_min, r_max] whose top singular values
     hold at least ``share`` of the energy (sum of squares) of an update;
-    ``r_max`` when none does. An update of zero energy gets ``r_min``."""
+    ``r_max`` when none does. An update of zero energy gets ``r_min``.
+
+    ``total_energy``: the update's whole energy (its squared Frobenius norm)
+    when ``singular_values`` holds only the top ones; default their sum."""
     lo_p, hi_p = _log2_of_power_of_two(r_min, "r_min"), _log2_of_power_of_two(r_max, "r_max")
     if r_min > r_max:
         raise ValueError(f"r_min={r_min} > r_max={r_max}")
@@ -360,7 +363,7 @@ def energy_rank(singular_values: list[float] | np.ndarray, share: float, r_min: 
     sq = np.sort(np.square(np.asarray(singular_values, dtype=np.float64)))[::-1]
     if not np.all(np.isfinite(sq)):
         raise ValueError("singular values must be finite")
-    total = float(sq.sum())
+    total = float(sq.sum()) if total_energy is None else float(total_energy)
     if total <= 0:
         return r_min
     cum = np.cumsum(sq) / total
@@ -370,6 +373,25 @@ def energy_rank(singular_values: list[float] | np.ndarray, share: float, r_min: 
         if cum[min(r, len(cum)) - 1] >= share - 1e-12:
             return r
     return r_max
+
+
+def top_singular_values(d: torch.Tensor, q: int, generator: torch.Generator,
+                        power_iters: int = 2) -> torch.Tensor:
+    """The top ``q`` singular values of ``d`` [m, n] (float32), by a randomized
+    range finder with ``power_iters`` power iterations (Halko et al.): a few
+    [m, n] x [n, q] products instead of a full SVD, slightly low if anything,
+    so an energy rank from them errs towards the larger rank. Exact
+    (``svdvals``) when ``q`` reaches the smaller dimension. ``generator``
+    draws the projection: the run's own random streams stay untouched."""
+    m, n = d.shape
+    if q >= min(m, n):
+        return torch.linalg.svdvals(d)
+    g = torch.randn(n, q, generator=generator, dtype=d.dtype, device="cpu").to(d.device)
+    y, _ = torch.linalg.qr(d @ g)
+    for _ in range(power_iters):
+        z, _ = torch.linalg.qr(d.t() @ y)
+        y, _ = torch.linalg.qr(d @ z)
+    return torch.linalg.svdvals(y.t() @ d)
 
 
 def update_convergence(updates: dict[str, list[float]], losses: list[float],
@@ -425,6 +447,7 @@ class UpdateTracker:
         m, n = len(norms.module_names), norms.num_layers
         self.owned = [(i, l) for i in range(m) for l in range(n) if (i * n + l) % world_size == rank]
         self._prev: dict[tuple[int, int], torch.Tensor] = {}
+        self._gen = torch.Generator()
 
     @torch.no_grad()
     def local_stats(self, model: nn.Module | None = None) -> torch.Tensor:
@@ -442,8 +465,14 @@ class UpdateTracker:
                 prev = prev.to(cur.device)
                 out[0, i, l] = relative_update(prev, cur)
                 if self.energy is not None:
-                    s = torch.linalg.svdvals(cur - prev).cpu().numpy()
-                    out[1, i, l] = energy_rank(s, self.energy, self.r_min, self.r_max)
+                    d = cur - prev
+                    # Seeded by the layer alone: the same projection at every
+                    # window, so a resumed run measures what an uninterrupted one does.
+                    self._gen.manual_seed(i * self.norms.num_layers + l)
+                    # r_max + 8: oversampling keeps the top r_max values accurate.
+                    s = top_singular_values(d, self.r_max + 8, self._gen).cpu().numpy()
+                    out[1, i, l] = energy_rank(s, self.energy, self.r_min, self.r_max,
+                                               float(d.double().pow(2).sum()))
                 out[2, i, l] = 1.0
             self._prev[(i, l)] = cur
         return out

@@ -212,18 +212,22 @@ class Trainer:
         return {"progress": vars(self.p).copy(), "rank_map": dict(self.rank_map),
                 "policy": self.policy.state_dict(), "mode": self.cfg.run.mode}
 
-    def rank_state_dict(self) -> Optional[dict]:
-        """What differs per rank: the update statistics' reference copies of
-        the layers this rank measures (None without update statistics)."""
-        if self.updates is None:
-            return None
-        return {"world_size": self.dist.world_size, "updates": self.updates.state_dict()}
+    def rank_state_dict(self) -> dict:
+        """What differs per rank: its own window-loss sums (DeepSpeed keeps
+        only rank 0's client state) and the update statistics' reference
+        copies of the layers this rank measures."""
+        return {"world_size": self.dist.world_size,
+                "window_loss": (self.p.window_loss_sum, self.p.window_loss_count),
+                "updates": None if self.updates is None else self.updates.state_dict()}
 
     def load_rank_state_dict(self, d: Optional[dict]) -> None:
-        """Restore ``rank_state_dict``; on another world size the layers are
-        split differently, so the update history restarts (one window later)."""
-        if self.updates is not None and d is not None and \
-                d["world_size"] == self.dist.world_size:
+        """Restore ``rank_state_dict``. On another world size the data is
+        sharded and the layers split differently: the window's loss so far is
+        rank 0's, and the update history restarts (one window later)."""
+        if d is None or d["world_size"] != self.dist.world_size:
+            return
+        self.p.window_loss_sum, self.p.window_loss_count = d["window_loss"]
+        if self.updates is not None and d["updates"] is not None:
             self.updates.load_state_dict(d["updates"])
 
     def load_state_dict(self, d: dict) -> None:

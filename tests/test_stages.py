@@ -12,7 +12,7 @@ from prelora_hpc import replay as replay_mod
 from prelora_hpc import train as train_mod
 from prelora_hpc.config import config_from_dict
 from prelora_hpc.convergence import (NormTracker, UpdateTracker, energy_rank, relative_update,
-                                     update_convergence)
+                                     top_singular_values, update_convergence)
 from prelora_hpc.lora import inject_lora, lora_modules
 from prelora_hpc.stages import (Stage, SwitchParams, SwitchPolicy, WindowStats, shape_for_stage,
                                 stage_name)
@@ -216,3 +216,22 @@ def test_update_tracker_state_round_trip_measures_the_same_next_window(vit):
     other = UpdateTracker(tracker, 1, 2)
     with pytest.raises(ValueError, match="belongs to another rank"):
         other.load_state_dict(saved)
+
+
+def test_randomized_top_singular_values_give_the_exact_energy_rank():
+    gen = torch.Generator().manual_seed(1)
+    # A rank-6 update plus small noise, 256 x 128: the top values are
+    # recovered, and the energy rank matches the exact SVD's.
+    u = torch.randn(256, 6, generator=gen)
+    v = torch.randn(6, 128, generator=gen)
+    d = u @ v + 0.01 * torch.randn(256, 128, generator=gen)
+    exact = torch.linalg.svdvals(d)
+    approx = top_singular_values(d, 24, torch.Generator().manual_seed(0))
+    assert approx.shape == (24,)
+    assert torch.allclose(approx[:6], exact[:6], rtol=1e-3)
+    total = float(d.pow(2).sum())
+    for share in (0.5, 0.9, 0.99):
+        assert energy_rank(approx.numpy(), share, 1, 16, total) == \
+            energy_rank(exact.numpy(), share, 1, 16)
+    # q at the smaller dimension: the exact values.
+    assert torch.allclose(top_singular_values(d, 128, gen), exact)
