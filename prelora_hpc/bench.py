@@ -5,21 +5,25 @@ batch and the same DeepSpeed settings, it times stage-3 steps and stage-1
 steps, measures each stage's peak memory, counts trainable parameters,
 optimizer-state bytes and the gradient bytes all-reduced per step, checks
 that stage 3 does none of the work it should skip, and projects both stages
-from 1 to 512 nodes.
+from 1 to 512 nodes. Beside them: the floor (stage 3's frozen base with no
+adapters, what no adapter can beat) and, with ``--peer ddp``, each stage
+under plain torch DDP with torch AdamW (what a user would run instead).
 
     prelora-bench --preset cpu-small --json bench.json            # 1 process, CPU
     mpiexec -n 2 prelora-bench --preset cpu-small --json bench2.json  # 2 ranks; prints measured vs projected
     prelora-bench --preset vit-large --count-only                 # ViT-L/16 trainable count, no run
     mpiexec -n 8 --ppn 4 prelora-bench --preset vit-large --json vitl.json   # on GPUs
     prelora-bench --preset toy --stages 3 --scaling-row weak --json-row-dir rows/  # scripts/scaling.sh
+    mpiexec -n 2 prelora-bench --preset cpu-small --peer ddp --json peer.json    # ours / DDP
 
 A step is forward, cross-entropy, ``engine.backward`` (which all-reduces the
 gradients) and ``engine.step``, on one micro batch (no accumulation).
 Warm-up steps are not timed; each timed step starts after a barrier and
 ends after a device synchronize; a step's time is the slowest rank's, and
-the figure reported is the median. Stage 3 runs first: peak memory is
-measured from a reset high-water mark (docs/benchmarks.md says why the
-order matters on the CPU).
+the figure reported is the median. The peer is timed the same way. The
+smallest configuration runs first (floor, stage 3, stage 1, each followed
+by its peer): peak memory is measured from a reset high-water mark
+(docs/benchmarks.md says why the order matters on the CPU).
 """
 
 from __future__ import annotations
@@ -437,6 +441,10 @@ class Options:
     seed: int = 0
     checks: bool = True
     bf16_probe: bool = True
+    floor: bool = True
+    """With stage 3: also time the no-adapter floor (``floor_model``)."""
+    peer: Optional[str] = None
+    """'ddp': also time each stage under torch DDP with torch AdamW."""
 
 
 @dataclass
@@ -493,28 +501,41 @@ def _train_step(engine, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def _timed_steps(ctx: Ctx, engine, n: int) -> list[float]:
-    """``n`` steps, each from a barrier to a device sync; the slowest rank's
-    time per step."""
-    x, y = ctx.batch
+def _timed(ctx: Ctx, step, n: int) -> list[float]:
+    """``n`` calls of ``step()``, each from a barrier to a device sync; the
+    slowest rank's seconds per call. Every configuration is timed through
+    this one function."""
     times = []
     for _ in range(n):
         ctx.barrier()
         ctx.sync()
         t0 = time.perf_counter()
-        _train_step(engine, x, y)
+        step()
         ctx.sync()
         times.append(time.perf_counter() - t0)
     return ctx.reduce(times, "max")
 
 
-def _logged_comm_step(ctx: Ctx, engine) -> dict[str, dict[str, int]]:
-    """One step under DeepSpeed's comms logger: {op: {"bytes", "calls"}} on this rank."""
+def _timed_steps(ctx: Ctx, engine, n: int) -> list[float]:
+    """``n`` engine steps on the fixed batch (``_timed``)."""
+    x, y = ctx.batch
+    return _timed(ctx, lambda: _train_step(engine, x, y), n)
+
+
+def _mean_losses(ctx: Ctx, losses: list[torch.Tensor]) -> list[float]:
+    """Each step's loss averaged over ranks (identical on every rank)."""
+    vals = ctx.reduce([float(v.detach()) for v in losses], "sum")
+    return [v / ctx.dist.world_size for v in vals]
+
+
+def _logged_comm_step(ctx: Ctx, engine) -> tuple[dict[str, dict[str, int]], torch.Tensor]:
+    """One step under DeepSpeed's comms logger: ({op: {"bytes", "calls"}} on
+    this rank, the step's loss)."""
     import deepspeed.comm as dcomm
     dcomm.comms_logger.reset_data()
     dcomm.configure(enabled=True, prof_all=True)
     try:
-        _train_step(engine, *ctx.batch)
+        loss = _train_step(engine, *ctx.batch)
         ctx.sync()
     finally:
         dcomm.configure(enabled=False, prof_all=False)
@@ -523,34 +544,52 @@ def _logged_comm_step(ctx: Ctx, engine) -> dict[str, dict[str, int]]:
         out[op] = {"bytes": int(sum(size * rec[0] for size, rec in sizes.items())),
                    "calls": int(sum(rec[0] for rec in sizes.values()))}
     dcomm.comms_logger.reset_data()
-    return out
+    return out, loss
 
 
-def _build_stage_model(ctx: Ctx, stage: int) -> nn.Module:
-    # The same seed for both stages: the same initial base weights.
+def floor_model(cfg: Config) -> nn.Module:
+    """The floor under stage 3: ``cfg``'s model shaped for stage 3 with no
+    adapters at all, so only ``prelora.stage3_trainable`` (norms, pos_embed,
+    cls_token, head by default) trains. No adapter can make a step cheaper."""
+    return shape_for_stage(build_model(cfg.model), 3, {}, cfg)
+
+
+#: The configurations the bench can time, by their key in the result.
+CONFIGS = {"stage1": 1, "stage3": 3, "floor": 3}
+
+
+def _build_stage_model(ctx: Ctx, config: str) -> nn.Module:
+    # The same seed for every configuration: the same initial base weights.
     torch.manual_seed(ctx.cfg.run.seed)
-    if stage == 3:
+    if config == "stage3":
         model = stage3_model(ctx.cfg, ctx.rank_map)
+    elif config == "floor":
+        model = floor_model(ctx.cfg)
     else:
         model = build_model(ctx.cfg.model)
     return model.to(ctx.dist.device)
 
 
-def run_stage(ctx: Ctx, stage: int) -> dict[str, Any]:
-    """Build the stage's model and engine, warm up, time, measure, check."""
+def run_stage(ctx: Ctx, stage: int, config: Optional[str] = None) -> dict[str, Any]:
+    """Build the stage's model and engine, warm up, time, measure, check.
+
+    ``config`` is 'stage1', 'stage3' (the default for ``stage``) or 'floor'
+    (stage 3 without adapters: timed and counted, no checks).
+    """
     from .engine import build_engine, destroy_engine, trainable_in_engine
 
     cfg, dist = ctx.cfg, ctx.dist
+    config = config or f"stage{stage}"
     ctx.memory.reset()
-    model = _build_stage_model(ctx, stage)
+    model = _build_stage_model(ctx, config)
     engine = build_engine(model, cfg, dist)
-    res: dict[str, Any] = {"stage": stage}
+    res: dict[str, Any] = {"stage": stage, "config": config}
     try:
-        for _ in range(max(0, ctx.opts.warmup - 1)):
-            _train_step(engine, *ctx.batch)
+        losses = [_train_step(engine, *ctx.batch) for _ in range(max(0, ctx.opts.warmup - 1))]
         # The last warm-up step runs under the comms logger: what actually
         # went over the wire, per op.
-        comm = _logged_comm_step(ctx, engine)
+        comm, loss = _logged_comm_step(ctx, engine)
+        res["warmup_losses"] = _mean_losses(ctx, losses + [loss])
         times = _timed_steps(ctx, engine, ctx.opts.steps)
         step = statistics.median(times)
         # One rank's all-reduce moves nothing: its step is all compute. ZeRO
@@ -589,19 +628,130 @@ def run_stage(ctx: Ctx, stage: int) -> dict[str, Any]:
             "other_collectives": other,
             "peak_memory_bytes": peak,
         })
-        if stage == 3:
+        if config == "stage3":
             res["adapter_params"] = adapter_parameter_count(model, ctx.rank_map)
             res["kept_params"] = trainable - res["adapter_params"]
-        if ctx.opts.checks:
+        elif config == "floor":
+            res["adapter_params"] = 0
+            res["kept_params"] = trainable
+        if ctx.opts.checks and config != "floor":
             res["checks"] = _stage_checks(ctx, stage, model, engine, trainable_names,
                                           trainable_in_engine(engine, model))
-        if stage == 1:
+        if config == "stage1":
             res["bookkeeping"] = bookkeeping_cost(ctx, model, step)
     finally:
         destroy_engine(engine)
         del engine, model
         _release_free_memory()
     return res
+
+
+# --------------------------------------------------------------------------- #
+# The peer: what a user would run instead of our engine.
+
+
+#: Peers ``--peer`` can time beside our stages.
+PEERS = ("ddp",)
+
+
+class DDPPeer:
+    """One stage's model under ``torch.nn.parallel.DistributedDataParallel``
+    with torch AdamW: the loop a user writes without DeepSpeed.
+
+    The same model (same seed, shaped by the same ``shape_for_stage``), the
+    same AdamW groups and hyper-parameters (``engine.param_groups``), the
+    same gradient-norm clip. DDP registers hooks only for parameters with
+    ``requires_grad``, so a stage-3 model reduces the trainable gradients
+    only, in 25 MiB buckets overlapped with the backward pass (DDP's
+    defaults). Under bf16 the weights stay fp32 and the forward runs under
+    ``torch.autocast`` (what a torch user runs); fp32 runs plain.
+    """
+
+    def __init__(self, ctx: Ctx, config: str):
+        import torch.distributed as tdist
+        from torch.nn.parallel import DistributedDataParallel
+
+        from .engine import param_groups
+
+        cfg, dev = ctx.cfg, ctx.dist.device
+        self.model = _build_stage_model(ctx, config)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, o.weight_decay, cfg.lora.lr_scale, cfg.lora.lr_ratio_b),
+            lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        if not tdist.is_initialized():
+            raise RuntimeError("the DDP peer needs the process group launch.init_distributed makes")
+        self.ddp = DistributedDataParallel(
+            self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.clip = cfg.deepspeed.gradient_clipping
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ctx.precision)
+        x, y = ctx.batch
+        # Autocast casts inside the matmuls; the input stays fp32 like the weights.
+        self.x, self.y = (x.float() if self.autocast else x), y
+
+    def step(self) -> torch.Tensor:
+        """Forward, cross-entropy, backward (bucketed all-reduce), clip, AdamW."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.x.device.type, dtype=self.autocast or torch.float32,
+                            enabled=self.autocast is not None):
+            logits = self.ddp(self.x)
+        loss = F.cross_entropy(logits.float(), self.y)
+        loss.backward()
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+        return loss
+
+    def local_step(self) -> torch.Tensor:
+        """The same step without DDP's gradient all-reduce (``no_sync``)."""
+        with self.ddp.no_sync():
+            return self.step()
+
+    def close(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        del self.ddp, self.optimizer, self.model, self.params
+        _release_free_memory()
+
+
+def run_peer(ctx: Ctx, config: str) -> dict[str, Any]:
+    """Time ``config`` ('stage1' or 'stage3') under the DDP peer exactly as
+    ``run_stage`` times our engine: the same warm-up, ``_timed``, median of
+    the slowest rank; on more than one rank again without the all-reduce."""
+    dist = ctx.dist
+    ctx.memory.reset()
+    peer = DDPPeer(ctx, config)
+    try:
+        losses = [peer.step() for _ in range(ctx.opts.warmup)]
+        times = _timed(ctx, peer.step, ctx.opts.steps)
+        step = statistics.median(times)
+        compute = step
+        if dist.world_size > 1:
+            compute = statistics.median(_timed(ctx, peer.local_step, ctx.opts.steps))
+        ctx.sync()
+        peak = int(ctx.reduce([ctx.memory.peak()], "max")[0])
+        frozen = [n for n, p in peer.model.named_parameters() if not p.requires_grad]
+        in_opt = {id(p) for g in peer.optimizer.param_groups for p in g["params"]}
+        trainable = sum(p.numel() for p in peer.params)
+        elem = peer.params[0].element_size() if peer.params else 4
+        b = ctx.cfg.deepspeed.micro_batch_size
+        return {
+            "stage": CONFIGS[config], "config": config, "peer": "ddp",
+            "step_time_s": step, "step_time_min_s": min(times), "step_time_max_s": max(times),
+            "step_times_s": times, "compute_time_s": compute,
+            "images_per_s": b * dist.world_size / step,
+            "trainable_params": trainable,
+            "optimizer_holds_exactly_trainable": in_opt == {id(p) for p in peer.params},
+            "frozen_with_grad": sum(1 for n, p in peer.model.named_parameters()
+                                    if not p.requires_grad and p.grad is not None),
+            "frozen_tensors": len(frozen),
+            "grad_bytes": trainable * elem,
+            "peak_memory_bytes": peak,
+            "warmup_losses": _mean_losses(ctx, losses),
+            "autocast": str(peer.autocast).replace("torch.", "") if peer.autocast else None,
+        }
+    finally:
+        peer.close()
 
 
 def _stage_checks(ctx: Ctx, stage: int, model: nn.Module, engine, trainable: set[str],
@@ -862,14 +1012,33 @@ def run(cfg: Config, dist, rank_map: dict[str, int], rank_map_source: str, opts:
                      "ranks": dict(rank_map)},
     }
     stages: dict[str, Any] = {}
-    for stage in sorted(opts.stages, reverse=True):  # 3 before 1: see PeakMemory
+    peer: dict[str, Any] = {}
+    floor = None
+    # Smallest first (see PeakMemory): floor, stage 3 (ours, then the
+    # peer's), stage 1 (ours, then the peer's).
+    if 3 in opts.stages and opts.floor:
+        floor = run_stage(ctx, 3, "floor")
+    for stage in sorted(opts.stages, reverse=True):
         stages[f"stage{stage}"] = run_stage(ctx, stage)
+        if opts.peer:
+            peer[f"stage{stage}"] = run_peer(ctx, f"stage{stage}")
     result.update(stages)
     s1, s3 = stages.get("stage1"), stages.get("stage3")
-    # The ratios are always there (None with one stage): a stable schema.
+    # The ratios are always there (None where not measured): a stable schema.
     for k in ("step_time_ratio", "compute_time_ratio", "grad_bytes_ratio", "allreduce_bytes_ratio",
-              "peak_memory_ratio", "trainable_fraction", "optimizer_state_ratio"):
+              "peak_memory_ratio", "trainable_fraction", "optimizer_state_ratio",
+              "stage1_over_peer", "stage3_over_peer", "stage1_compute_over_peer",
+              "stage3_compute_over_peer", "stage3_over_floor", "stage3_above_floor_s"):
         result[k] = None
+    result["floor"] = floor
+    result["peer"] = dict(peer, kind=opts.peer) if opts.peer else None
+    for name in peer:
+        result[f"{name}_over_peer"] = _ratio(stages[name]["step_time_s"], peer[name]["step_time_s"])
+        result[f"{name}_compute_over_peer"] = _ratio(stages[name]["compute_time_s"],
+                                                     peer[name]["compute_time_s"])
+    if floor is not None and s3 is not None:
+        result["stage3_over_floor"] = _ratio(s3["step_time_s"], floor["step_time_s"])
+        result["stage3_above_floor_s"] = s3["step_time_s"] - floor["step_time_s"]
     if s3 is not None and opts.checks and opts.bf16_probe and precision == "fp32" \
             and dist.device.type == "cpu" and cfg.deepspeed.zero_stage in (0, 1, 2):
         s3["checks"]["low_precision_masters"] = bf16_probe(ctx)
@@ -971,6 +1140,16 @@ def format_table(r: dict[str, Any]) -> str:
     if s1 and s3 and "flop_ratio" in r:
         lines.append(f"{'FLOPs per step (one rank)':34}{s1['checks']['flops_per_step']:>16.3g}"
                      f"{s3['checks']['flops_per_step']:>16.3g}{r['flop_ratio']:>10.3f}")
+    fl = r.get("floor")
+    if fl:
+        over = r.get("stage3_over_floor")
+        lines.append(f"floor (base frozen, no adapters; {fl['trainable_params']:,} trainable): "
+                     f"step {_fmt(fl['step_time_s'], 's')}, without all-reduce "
+                     f"{_fmt(fl['compute_time_s'], 's')}"
+                     + (f"; stage 3 / floor {over:.3f} ({1e3 * r['stage3_above_floor_s']:+.1f} ms)"
+                        if over is not None else ""))
+    if r.get("peer"):
+        lines += _format_peer(r)
     if s1 and "bookkeeping" in s1:
         bk = s1["bookkeeping"]
         frac = bk["fraction_of_step_time"]
@@ -1026,6 +1205,29 @@ def format_table(r: dict[str, Any]) -> str:
                          f"+ all-reduce {c['projected_comm_s'] * 1e3:.1f}), error "
                          f"{100 * c['error']:+.1f}%")
     return "\n".join(lines)
+
+
+def _format_peer(r: dict[str, Any]) -> list[str]:
+    """The peer's rows: our stage beside the same stage under DDP."""
+    peer = r["peer"]
+    auto = next((v["autocast"] for k, v in peer.items() if isinstance(v, dict)), None)
+    lines = ["", f"peer: torch DDP + torch AdamW on the same model, batch and ranks"
+                 + (f" (fp32 weights, autocast {auto})" if auto else "")
+                 + "; stage 3's DDP reduces the trainable gradients only",
+             f"{'':38}{'ours':>12}{'DDP':>12}{'ours / DDP':>12}"]
+    for k in ("stage1", "stage3"):
+        if k not in peer:
+            continue
+        ours, theirs = r[k], peer[k]
+        for label, key, ratio in (("step time (median)", "step_time_s", f"{k}_over_peer"),
+                                  ("step time without all-reduce", "compute_time_s",
+                                   f"{k}_compute_over_peer"),
+                                  ("peak memory", "peak_memory_bytes", None)):
+            kind = "bytes" if key == "peak_memory_bytes" else "s"
+            q = r.get(ratio) if ratio else _ratio(ours[key], theirs[key])
+            lines.append(f"{f'stage {k[-1]} {label}':38}{_fmt(ours[key], kind):>12}"
+                         f"{_fmt(theirs[key], kind):>12}{(f'{q:.3f}' if q is not None else ''):>12}")
+    return lines
 
 
 def format_count(c: dict[str, Any]) -> str:
@@ -1094,6 +1296,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--count-only", action="store_true",
                    help="print stage-1/stage-3 trainable parameters (meta device) and exit")
     p.add_argument("--no-checks", action="store_true", help="skip the structural checks")
+    p.add_argument("--peer", choices=PEERS, help="also time each stage under a peer: 'ddp' is "
+                   "torch DistributedDataParallel with torch AdamW (stage 3: its trainable "
+                   "parameters only); reports ours / peer")
+    p.add_argument("--no-floor", action="store_true", help="skip the floor (stage 3 without "
+                   "adapters) that stage 3 is reported against")
     p.add_argument("--json", type=Path, help="write the full result as JSON here (rank 0)")
     p.add_argument("--scaling-row", choices=("weak", "strong"),
                    help="also write one scaling row per stage (needs --json-row-dir)")
@@ -1182,7 +1389,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         ws = cfg.prelora.window_steps if isinstance(cfg.prelora.window_steps, int) else (
             preset.window_steps if preset else None)
     opts = Options(steps=steps, warmup=warmup, stages=stages, window_steps=ws, seed=args.seed,
-                   checks=not args.no_checks)
+                   checks=not args.no_checks, floor=not args.no_floor, peer=args.peer)
 
     dist = launch.init_distributed(cfg.run.collective_timeout_s)
     try:

@@ -1,8 +1,10 @@
 """prelora-bench at a toy size: the JSON's structure, and the stage-3
 trainable count and gradient bytes checked against the rank map's own
 arithmetic (sum over adapted layers of r x (in + out), plus the kept norms,
-pos_embed, cls_token and head, times 4 bytes in fp32). No timing is
-asserted: timings are figures for docs/benchmarks.md, not properties.
+pos_embed, cls_token and head, times 4 bytes in fp32); the floor's count
+against the kept parameters alone; the DDP peer's losses against our
+engine's. No timing is asserted: timings are figures for
+docs/benchmarks.md, not properties.
 """
 
 from __future__ import annotations
@@ -105,6 +107,54 @@ def test_one_process_json(tmp_path):
     assert "projection_check" not in r  # one rank: nothing to compare
 
 
+def kept_only() -> int:
+    """What the floor trains: stage 3's kept parameters, no adapters."""
+    return expected_stage3({})
+
+
+def check_peer_and_floor(r: dict) -> None:
+    """The DDP peer and the floor train what they claim, and the peer does
+    exactly our engine's arithmetic: from the same seed on the same batch its
+    warm-up losses (the second one after an AdamW update with weight-decay
+    groups and the norm clip) equal our engine's."""
+    peer = r["peer"]
+    assert peer["kind"] == "ddp"
+    for s in ("stage1", "stage3"):
+        ours, theirs = r[s], peer[s]
+        assert theirs["trainable_params"] == ours["trainable_params"]
+        assert theirs["grad_bytes"] == ours["grad_bytes"]
+        assert theirs["optimizer_holds_exactly_trainable"] is True
+        assert theirs["frozen_with_grad"] == 0
+        assert len(theirs["warmup_losses"]) == len(ours["warmup_losses"]) == 2
+        assert theirs["warmup_losses"] == pytest.approx(ours["warmup_losses"], rel=1e-5)
+        assert r[f"{s}_over_peer"] == pytest.approx(ours["step_time_s"] / theirs["step_time_s"])
+    # Stage 3's DDP holds no frozen tensor; stage 1's has none to hold.
+    assert peer["stage3"]["frozen_tensors"] > 0 and peer["stage1"]["frozen_tensors"] == 0
+    fl = r["floor"]
+    assert fl["config"] == "floor" and fl["adapter_params"] == 0
+    assert fl["trainable_params"] == fl["kept_params"] == kept_only()
+    assert fl["trainable_params"] == r["stage3"]["kept_params"]
+    assert fl["grad_bytes"] == 4 * kept_only()
+    # Same initial base, same batch: the first loss is the same model's.
+    assert fl["warmup_losses"][0] == pytest.approx(r["stage3"]["warmup_losses"][0], rel=1e-6)
+    assert r["stage3_over_floor"] == pytest.approx(r["stage3"]["step_time_s"] / fl["step_time_s"])
+
+
+def test_ddp_peer_and_floor_one_process(tmp_path):
+    r = run_bench(tmp_path, "--steps", "1", "--warmup", "2", "--no-checks", "--peer", "ddp")
+    check_peer_and_floor(r)
+    # One rank: nothing to reduce, the step is all compute.
+    for s in ("stage1", "stage3"):
+        assert r["peer"][s]["compute_time_s"] == r["peer"][s]["step_time_s"]
+
+
+def test_no_floor_and_no_peer_keep_the_schema(tmp_path):
+    r = run_bench(tmp_path, "--steps", "1", "--warmup", "1", "--no-checks", "--no-floor")
+    assert r["floor"] is None and r["peer"] is None
+    for k in ("stage1_over_peer", "stage3_over_peer", "stage3_over_floor", "stage3_above_floor_s"):
+        assert r[k] is None, k
+
+
 def test_rank_map_file_and_single_stage(tmp_path):
     model = toy_model()
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "blocks" in n]
@@ -124,11 +174,16 @@ def test_two_ranks_json_and_scaling_row(tmp_path):
     out = tmp_path / "bench.json"
     rows = tmp_path / "rows"
     run_mpi([sys.executable, "-m", "prelora_hpc.bench", "--preset", "toy", "--steps", "2",
-             "--warmup", "1", "--json", str(out), "--scaling-row", "weak",
-             "--json-row-dir", str(rows)], np=2, timeout=600)
+             "--warmup", "2", "--json", str(out), "--scaling-row", "weak",
+             "--json-row-dir", str(rows), "--peer", "ddp"], np=2, timeout=600)
     r = json.loads(out.read_text())
     assert r["world_size"] == 2 and r["global_batch"] == 8
     check_stage3_arithmetic(r, r["rank_map"]["ranks"])
+    # Two ranks: DeepSpeed and DDP both average the gradients over ranks,
+    # so the losses still agree; each also has a time without the reduction.
+    check_peer_and_floor(r)
+    for s in ("stage1", "stage3"):
+        assert r["peer"][s]["compute_time_s"] > 0
     # On more than one rank the bandwidth is measured and the additive model
     # is compared with the measured step.
     assert r["network"]["bandwidth_source"] == "measured"
