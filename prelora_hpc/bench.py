@@ -1230,6 +1230,47 @@ def _format_peer(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def format_markdown(r: dict[str, Any]) -> str:
+    """The result as a Markdown section: what ran where, then one row per
+    configuration (ours, the floor, the peer) with its ratios."""
+    def ms(v: Optional[float]) -> str:
+        return "-" if v is None else f"{v * 1e3:.1f} ms"
+
+    def q(v: Optional[float]) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    s1 = r.get("stage1")
+    lines = [f"`{r['command']}`", "",
+             f"{r['date']}, {r['device']}, {r['world_size']} rank(s) on {r['nodes']} node(s), "
+             f"{r['backend']}, {r['precision']}, ZeRO {r['zero_stage']}, torch {r['torch']}; "
+             f"{r['model']['name']} at {r['model']['img_size']} px, micro batch "
+             f"{r['micro_batch_size']} per rank; {r['steps']} timed steps after "
+             f"{r['warmup_steps']} warm-up, median of the slowest rank.", "",
+             "| configuration | step | without all-reduce | images/s | trainable | peak memory "
+             "| step / stage 1 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [("stage 1 (ours)", s1), ("stage 3 (ours)", r.get("stage3")),
+            ("floor: stage 3 without adapters", r.get("floor"))]
+    peer = r.get("peer") or {}
+    rows += [(f"stage {k[-1]}, peer {peer['kind']}", peer.get(k)) for k in ("stage1", "stage3")
+             if k in peer]
+    for label, s in rows:
+        if not s:
+            continue
+        rel = _ratio(s["step_time_s"], s1["step_time_s"]) if s1 else None
+        lines.append(f"| {label} | {ms(s['step_time_s'])} | {ms(s['compute_time_s'])} | "
+                     f"{s['images_per_s']:.1f} | {s['trainable_params']:,} | "
+                     f"{_fmt_bytes(s['peak_memory_bytes'])} | {q(rel)} |")
+    lines.append("")
+    for label, key in (("stage 3 / stage 1", "step_time_ratio"),
+                       ("stage 3 / floor", "stage3_over_floor"),
+                       ("stage 1 ours / peer", "stage1_over_peer"),
+                       ("stage 3 ours / peer", "stage3_over_peer")):
+        if r.get(key) is not None:
+            lines.append(f"- {label}: **{r[key]:.3f}**")
+    return "\n".join(lines) + "\n"
+
+
 def format_count(c: dict[str, Any]) -> str:
     lines = [f"{c['model']}: {c['stage1_trainable']:,} parameters trained in stage 1; "
              f"{c['layers_adapted']} adapted layers",
@@ -1302,6 +1343,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-floor", action="store_true", help="skip the floor (stage 3 without "
                    "adapters) that stage 3 is reported against")
     p.add_argument("--json", type=Path, help="write the full result as JSON here (rank 0)")
+    p.add_argument("--markdown", type=Path, help="write the result as a Markdown table here")
     p.add_argument("--scaling-row", choices=("weak", "strong"),
                    help="also write one scaling row per stage (needs --json-row-dir)")
     p.add_argument("--json-row-dir", type=Path,
@@ -1408,6 +1450,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=1) + "\n")
+        if args.markdown:
+            args.markdown.parent.mkdir(parents=True, exist_ok=True)
+            args.markdown.write_text(format_markdown(result))
         if args.json_row_dir:
             args.json_row_dir.mkdir(parents=True, exist_ok=True)
             for stage in stages:

@@ -141,8 +141,15 @@ def check_peer_and_floor(r: dict) -> None:
 
 
 def test_ddp_peer_and_floor_one_process(tmp_path):
-    r = run_bench(tmp_path, "--steps", "1", "--warmup", "2", "--no-checks", "--peer", "ddp")
+    md = tmp_path / "bench.md"
+    r = run_bench(tmp_path, "--steps", "1", "--warmup", "2", "--no-checks", "--peer", "ddp",
+                  "--markdown", str(md))
     check_peer_and_floor(r)
+    # The Markdown table: one row per configuration, stage 1 its own unit.
+    rows = [l for l in md.read_text().splitlines() if l.startswith("| ") and "ms |" in l]
+    assert len(rows) == 5
+    assert rows[0].startswith("| stage 1 (ours) |") and rows[0].endswith("| 1.000 |")
+    assert f"stage 1 ours / peer: **{r['stage1_over_peer']:.3f}**" in md.read_text()
     # One rank: nothing to reduce, the step is all compute.
     for s in ("stage1", "stage3"):
         assert r["peer"][s]["compute_time_s"] == r["peer"][s]["step_time_s"]
