@@ -102,6 +102,36 @@ class ResumePoint:
     def load_dir(self) -> Path:
         return self.path.parent
 
+    @property
+    def world_size(self) -> Optional[int]:
+        """Ranks that wrote the checkpoint (one RNG file each); None when the
+        sidecar predates the file list."""
+        if self.files is None:
+            return None
+        return sum(1 for name in self.files if re.fullmatch(r"rng_rank\d+\.pt", name))
+
+
+def check_world_size(point: ResumePoint, zero_stage: int, world_size: int) -> Optional[str]:
+    """Whether ``point`` can be resumed on ``world_size`` ranks.
+
+    Raises CheckpointError (one line, the same on every rank) when ZeRO
+    partitioned the optimizer state over another number of ranks: DeepSpeed
+    cannot load those partitions onto a different world. Returns a note
+    for a ZeRO 0 checkpoint of another world size (it loads; the global
+    batch follows the new world), else None.
+    """
+    saved = point.world_size
+    if saved is None or saved == world_size:
+        return None
+    if zero_stage >= 1:
+        raise CheckpointError(
+            f"checkpoint {point.path} was written by {saved} ranks under ZeRO {zero_stage}, "
+            f"whose optimizer state is partitioned over them; it cannot be resumed on "
+            f"{world_size} ranks (run on {saved} ranks, or resume a ZeRO 0 run)")
+    return (f"checkpoint {point.path} was written by {saved} ranks, resumed on {world_size}: "
+            f"the global batch changes with the world size unless "
+            f"deepspeed.train_batch_size/grad_accum_steps keep it")
+
 
 def checkpoint_root(run_dir: Path) -> Path:
     """The directory holding a run's checkpoints and ``latest``."""

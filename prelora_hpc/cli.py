@@ -85,7 +85,7 @@ def _train(argv: Optional[list[str]], stop) -> int:
         return 2
 
     from .checkpoint import CheckpointError, CheckpointWriteError
-    from .launch import EXIT_CHECKPOINT_WRITE, abort, finish, init_distributed
+    from .launch import EXIT_CHECKPOINT_WRITE, abort, describe_lost_peer, finish, init_distributed
 
     dist = init_distributed(cfg.run.collective_timeout_s)
     lock, error, code = _lock_run(cfg.run.output_dir, dist)
@@ -115,7 +115,9 @@ def _train(argv: Optional[list[str]], stop) -> int:
     except Exception as e:  # noqa: BLE001 - any error must end all ranks
         # One line saying what and where; MPI_Abort so no peer waits forever
         # in a collective this rank will never join.
-        if not isinstance(e, (ConfigError, ValueError, FileNotFoundError, OSError)):
+        # A lost peer is said in one line by abort(); a traceback adds nothing.
+        if not isinstance(e, (ConfigError, ValueError, FileNotFoundError, OSError)) \
+                and describe_lost_peer(str(e)) is None:
             traceback.print_exc()
         if lock is not None:
             lock.release()      # MPI_Abort ends this process before `finally`

@@ -187,6 +187,9 @@ class Trainer:
         for note in point.notes if point is not None and dist.is_main else []:
             self.log.warn(note)
         if point is not None:
+            note = ckpt.check_world_size(point, cfg.deepspeed.zero_stage, dist.world_size)
+            if note:
+                self.log.warn(note)
             self.p.stage = point.stage
             self.rank_map = point.rank_map
         elif cfg.run.mode == "lora":

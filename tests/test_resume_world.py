@@ -1,0 +1,32 @@
+"""Resuming on another number of ranks: ZeRO 0 loads (and says the batch
+changed); ZeRO 1 partitions are refused with one line, never a traceback."""
+
+import pytest
+
+from mpi_util import run_mpi, train_cmd
+from prelora_hpc.metrics import read_metrics
+
+pytestmark = pytest.mark.mpi
+
+SHORT = ["run.epochs=1", "run.max_steps=4", "checkpoint.every_steps=2"]
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_resume_on_fewer_ranks(tmp_path, zero):
+    run_mpi(train_cmd(tmp_path, *SHORT, f"deepspeed.zero_stage={zero}"), np=2)
+    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    p = run_mpi(train_cmd(tmp_path, "run.epochs=1", "run.max_steps=6",
+                          f"deepspeed.zero_stage={zero}"), np=1, check=False)
+    out = p.stdout + p.stderr
+    assert "Traceback" not in out, out[-3000:]
+    if zero == 0:
+        assert p.returncode == 0, out[-3000:]
+        assert "written by 2 ranks, resumed on 1" in out
+        assert read_metrics(tmp_path, "start")[-1]["resumed_step"] == 4
+    else:
+        assert p.returncode == 1, out[-3000:]
+        errors = [l for l in out.splitlines() if "error" in l.lower()]
+        assert any("written by 2 ranks under ZeRO 1" in l and "cannot be resumed on 1 ranks" in l
+                   for l in errors), out[-3000:]
+        # Nothing was loaded, nothing was written: the checkpoint stays latest.
+        assert (tmp_path / "checkpoints" / "latest").read_text().strip() == latest
