@@ -141,11 +141,16 @@ def representative_rank_map(num_layers: int, modules: list[str], r_min: int, r_m
 
 
 def load_rank_map(path: Path) -> dict[str, int]:
-    """A ``{"blocks.0.attn.qkv": 16, ...}`` JSON file, e.g. a run's rank_map.json."""
+    """A ``{"blocks.0.attn.qkv": 16, ...}`` JSON file, e.g. a run's rank_map.json,
+    or an earlier ``--json`` result of this bench (its ``rank_map.ranks``), so a
+    recorded comparison can be rerun on exactly its ranks."""
     try:
         raw = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"--rank-map {path}: cannot read it as JSON: {e}") from None
+    if isinstance(raw, dict) and isinstance(raw.get("rank_map"), dict) \
+            and isinstance(raw["rank_map"].get("ranks"), dict):
+        raw = raw["rank_map"]["ranks"]
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"--rank-map {path}: expected a non-empty object of module name -> rank")
     for k, v in raw.items():

@@ -251,6 +251,13 @@ def test_count_only_matches_arithmetic_and_reference_is_under_ten_percent():
     assert c["rank_map"]["trainable_fraction"] < c["all_r_max"]["trainable_fraction"] < 0.10
 
 
+def test_rank_map_from_an_earlier_bench_result(tmp_path):
+    ranks = {"blocks.0.attn.qkv": 8, "blocks.1.mlp.fc2": 2}
+    f = tmp_path / "bench.json"
+    f.write_text(json.dumps({"preset": "toy", "rank_map": {"source": "x", "ranks": ranks}}))
+    assert bench.load_rank_map(f) == ranks
+
+
 def test_rank_map_file_errors(tmp_path):
     f = tmp_path / "bad.json"
     f.write_text(json.dumps({"blocks.0.attn.qkv": 0}))
