@@ -40,7 +40,8 @@ class RunLocked(RuntimeError):
     """The run directory is in use by another run (the message names it)."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (owned by anyone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -148,7 +149,7 @@ class RunLock:
         if age > self.stale_s:
             return f"no heartbeat for {age:.0f} s"
         if holder.get("host") == self.record["host"] and isinstance(holder.get("pid"), int) \
-                and not _pid_alive(holder["pid"]):
+                and not pid_alive(holder["pid"]):
             return "that process no longer exists"
         return None
 

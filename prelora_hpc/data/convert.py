@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..runlock import pid_alive
 from .errors import DataError
 from .layout import DATASETS, FORMAT_VERSION, IMAGE_DTYPE, STRING_DTYPE, shard_name
 
@@ -124,16 +125,6 @@ def _newest_mtime(path: Path) -> float:
     return path.stat().st_mtime
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
 def _is_stale(entry: Path, prefix: str, host: str) -> bool:
     """Whether a staging entry belongs to a run that is no longer writing it.
 
@@ -143,7 +134,7 @@ def _is_stale(entry: Path, prefix: str, host: str) -> bool:
     """
     owner = entry.name[len(prefix):].rsplit("-", 2)  # host names may contain '-'
     if len(owner) == 3 and owner[0] == host and owner[1].isdigit():
-        return not _pid_alive(int(owner[1]))
+        return not pid_alive(int(owner[1]))
     try:
         return time.time() - _newest_mtime(entry) > _STALE_AFTER_S
     except FileNotFoundError:
