@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from . import checkpoint as ckpt
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 from .lora import lora_modules, merge_all
 from .model import build_model
 from .stages import shape_for_stage
@@ -121,14 +121,23 @@ def export(run_dir: Path, out: Optional[Path] = None, checkpoint: Optional[str] 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``prelora-export``: 0 on success, 1 with a one-line error otherwise."""
+    """``prelora-export``: 0 on success; 2 for a usage or config error (no such
+    run directory, a config that does not load), as the other commands; 1
+    with a one-line error otherwise."""
     p = argparse.ArgumentParser(prog="prelora-export", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--checkpoint", help="tag directory (default: the run's latest)")
     p.add_argument("--out", type=Path, help="output directory (default RUN_DIR/export)")
     args = p.parse_args(argv)
+    if not args.run_dir.is_dir():
+        print(f"prelora-export: error: run directory {args.run_dir} does not exist",
+              file=sys.stderr)
+        return 2
     try:
         out = export(args.run_dir, args.out, args.checkpoint)
+    except ConfigError as e:
+        print(f"prelora-export: config error: {e}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"prelora-export: error: {e}", file=sys.stderr)
         return 1

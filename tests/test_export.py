@@ -58,3 +58,13 @@ def test_peft_reads_the_adapters_onto_the_exported_base(trained, exported):
     ranks = {n: m.r["default"] for n, m in model.base_model.model.named_modules()
              if hasattr(m, "lora_A") and isinstance(getattr(m, "r", None), dict)}
     assert sorted(ranks.values()) == sorted(cfg["rank_pattern"].values())
+
+
+def test_export_usage_and_config_errors_exit_2(tmp_path, capsys):
+    from prelora_hpc import export as export_mod
+
+    assert export_mod.main([str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("optim:\n  lrr: 1\n")
+    assert export_mod.main([str(tmp_path)]) == 2
+    assert "optim.lrr" in capsys.readouterr().err
