@@ -1,6 +1,9 @@
 # The two commands of the README:
 #   make quickstart   set up .venv and train the quick start on 2 MPI ranks
 #   make test         set up .venv and run the whole test suite
+# and one for CI:
+#   make test-compat  the tests that lean on DeepSpeed's internals, against
+#                     the DeepSpeed of ALCF's Polaris module, in a second venv
 # Everything lands in .venv (override with VENV=...); no system MPI needed:
 # the `local` extra brings MPICH from PyPI.
 
@@ -17,7 +20,20 @@ export DS_ACCELERATOR ?= cpu
 # rebuild it over each other. One cache per environment, built once at install.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: venv quickstart test clean
+# The site's DeepSpeed: Polaris' default module (conda/2025-09-25) ships
+# DeepSpeed 0.17.6. Engine rebuilds, the optimizer-state carry and resume use
+# DeepSpeed's ZeRO/bf16 internals, so those tests also run against it. Its
+# environment is .venv with DeepSpeed 0.17.6 installed into a directory that
+# goes first on PYTHONPATH: torch, timm, MPI and this package are exactly
+# .venv's, only DeepSpeed differs, and it builds in about a minute (a second
+# full venv unpacks another 6 GB of torch and CUDA wheels).
+VENV_COMPAT ?= .venv-ds0176
+DEEPSPEED_COMPAT ?= 0.17.6
+COMPAT_SITE = $(abspath $(VENV_COMPAT))/site
+COMPAT_TESTS ?= tests/test_adapter_state.py tests/test_train_mpi.py tests/test_checkpoint_mpi.py
+COMPAT_SELECT ?= first_update or zero_stages or rebuilds or resume
+
+.PHONY: venv quickstart test clean venv-compat test-compat clean-compat
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +56,26 @@ test: venv
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
+
+# Its own torch extensions cache: the shared-memory op is built against this
+# DeepSpeed's sources (see TORCH_EXTENSIONS_DIR above).
+$(VENV_COMPAT)/.installed venv-compat test-compat: export TORCH_EXTENSIONS_DIR = $(abspath $(VENV_COMPAT))/torch_extensions
+$(VENV_COMPAT)/.installed venv-compat test-compat: export PYTHONPATH = $(COMPAT_SITE)
+
+$(VENV_COMPAT)/.installed: $(VENV)/.installed
+	rm -rf $(VENV_COMPAT)
+	mkdir -p $(VENV_COMPAT)
+	echo '*' > $(VENV_COMPAT)/.gitignore
+	$(PY) -m pip install -q --no-deps --no-build-isolation --target $(COMPAT_SITE) deepspeed==$(DEEPSPEED_COMPAT)
+	$(PY) scripts/compat_check.py $(DEEPSPEED_COMPAT) $(COMPAT_SITE)
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
+	touch $@
+
+venv-compat: $(VENV_COMPAT)/.installed
+
+test-compat: venv-compat
+	$(PY) scripts/compat_check.py $(DEEPSPEED_COMPAT) $(COMPAT_SITE)
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -ra $(COMPAT_TESTS) -k '$(COMPAT_SELECT)' $(PYTEST_ARGS)
+
+clean-compat:
+	rm -rf $(VENV_COMPAT)
