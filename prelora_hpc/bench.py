@@ -1158,9 +1158,10 @@ def format_table(r: dict[str, Any]) -> str:
     if s1 and "bookkeeping" in s1:
         bk = s1["bookkeeping"]
         frac = bk["fraction_of_step_time"]
+        per = (f"{bk['window_steps']} steps" if bk["window_steps"] else
+               "an epoch (no step count: pass --window-steps for the share)")
         lines.append(f"convergence bookkeeping: {bk['per_window_s'] * 1e3:.2f} ms per window of "
-                     f"{bk['window_steps']} steps = "
-                     + (f"{100 * frac:.3f}% of step time" if frac is not None else "n/a"))
+                     f"{per} = " + (f"{100 * frac:.3f}% of step time" if frac is not None else "n/a"))
         ufrac = bk.get("update_fraction_of_step_time")
         lines.append(f"  of which update statistics (relative update, energy ranks): "
                      f"{bk['update_stats_s'] * 1e3:.2f} ms = "
