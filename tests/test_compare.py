@@ -99,11 +99,12 @@ def test_compare_writes_its_table_json_and_plot(compared):
 def test_existing_runs_are_kept_unless_asked(compared):
     out, _ = compared
     before = (out / "compare.json").read_text()
-    p = _compare("--out", out, "--seeds", "0", "--mpiexec", mpiexec(), *VARIANT, *FEW_STEPS, timeout=120)
+    p = _compare("--out", out, "--seeds", "0", "--mpiexec", mpiexec(), *VARIANT, *FEW_STEPS,
+                 timeout=120)
     assert p.returncode == 1 and "--reuse" in p.stderr
     # --reuse: finished runs are not trained again, the table is rebuilt from them.
-    p = _compare("--out", out, "--seeds", "0", "--mpiexec", mpiexec(), "--reuse", *FEW_STEPS,
-                 timeout=120)
+    p = _compare("--out", out, "--seeds", "0", "--mpiexec", mpiexec(), "--reuse", *VARIANT,
+                 *FEW_STEPS, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("reusing the finished run") == 4
     after = json.loads((out / "compare.json").read_text())
