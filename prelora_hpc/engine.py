@@ -200,7 +200,7 @@ def _materialize_state(engine) -> None:
     ZeRO and the bf16 wrapper link per-parameter views into their flat
     state once, right after the *first group's* first step, so parameters of
     later groups (e.g. the no-decay group) are never linked (DeepSpeed
-    0.19.8). Relinking after every group has state fixes both reading and
+    0.17.6 and 0.19.8, read in both). Relinking after every group has state fixes both reading and
     writing; creating the state first lets carried moments into a fresh
     engine before its first step.
     """
