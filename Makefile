@@ -30,7 +30,7 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 VENV_COMPAT ?= .venv-ds0176
 DEEPSPEED_COMPAT ?= 0.17.6
 COMPAT_SITE = $(abspath $(VENV_COMPAT))/site
-COMPAT_TESTS ?= tests/test_adapter_state.py tests/test_train_mpi.py tests/test_checkpoint_mpi.py
+COMPAT_TESTS ?= tests/integration/test_adapter_state.py tests/integration/test_train_mpi.py tests/integration/test_checkpoint_mpi.py
 COMPAT_SELECT ?= first_update or zero_stages or rebuilds or resume
 
 .PHONY: venv quickstart test clean venv-compat test-compat clean-compat

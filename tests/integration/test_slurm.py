@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SBATCH = "jobs/slurm.sbatch"
 CONFIG = "configs/quickstart.yaml"
 # Job states after which a job never runs again.

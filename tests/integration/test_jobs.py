@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "scripts" / "launch.sh"
 AFFINITY = ROOT / "scripts" / "gpu_affinity.sh"
 NODE_WATCH = ROOT / "scripts" / "node_watch.sh"

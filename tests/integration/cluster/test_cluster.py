@@ -1,4 +1,4 @@
-"""Multi-node jobs on emulated nodes of this machine (tests/cluster/cluster.sh).
+"""Multi-node jobs on emulated nodes of this machine (tests/integration/cluster/cluster.sh).
 
 Each test runs jobs/polaris.pbs unchanged as an emulated PBS job on node 0:
 PBS_NODEFILE lists the emulated hosts, scripts/launch.sh finds MPICH's Hydra
@@ -26,7 +26,7 @@ from prelora_hpc.config import load_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.mpi, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PBS = ROOT / "jobs" / "polaris.pbs"
 PROBE = Path(__file__).resolve().parent / "probe_train.py"
 PPN = 2

@@ -26,7 +26,7 @@ from prelora_hpc.data.hdf5 import HDF5ImageDataset, shard_files
 from prelora_hpc.data.loader import ShardedSampler, build_dataloaders, prepare_data
 from prelora_hpc.data.synthetic import SyntheticImageDataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # train has three classes, val lacks 'n02' on purpose: labels must still use
 # the shared class list (n03 -> 2 in both splits).

@@ -82,7 +82,7 @@ def test_missing_file_is_named(tmp_path):
 
 def test_shipped_configs_load():
     import pathlib
-    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    root = pathlib.Path(__file__).resolve().parents[2] / "configs"
     files = sorted(root.glob("*.yaml"))
     assert files, "configs/ ships YAML presets"
     for f in files:

@@ -1,6 +1,6 @@
 """The emulated cluster for the tests in this directory.
 
-``emu_cluster`` starts two emulated nodes (tests/cluster/cluster.sh: network
+``emu_cluster`` starts two emulated nodes (tests/integration/cluster/cluster.sh: network
 namespaces joined by a rate-capped switch) once per session and stops them
 at the end, unless a cluster was up before the session (then it is someone's
 and stays). Where it cannot run (not root, no network namespaces, or
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+ROOT = HERE.parents[2]
 CLUSTER_SH = HERE / "cluster.sh"
 NSEXEC = HERE / "nsexec"
 CANNOT_RUN = 77
@@ -95,7 +95,7 @@ def emu_cluster():
     if r.returncode == CANNOT_RUN:
         pytest.skip((r.stderr.strip().splitlines() or ["cluster.sh: cannot run here"])[-1])
     if r.returncode != 0:
-        pytest.fail(f"tests/cluster/cluster.sh start failed (exit {r.returncode}):\n"
+        pytest.fail(f"tests/integration/cluster/cluster.sh start failed (exit {r.returncode}):\n"
                     f"{r.stdout}{r.stderr}", pytrace=False)
     hosts = _cluster("hosts").stdout.split()
     _summary["nodes"] = f"{len(hosts)} ({', '.join(hosts)}), links capped at {RATE} (tc tbf)"
@@ -104,7 +104,7 @@ def emu_cluster():
     finally:
         if not was_up:
             r = _cluster("stop")
-            assert r.returncode == 0, f"tests/cluster/cluster.sh stop failed:\n{r.stdout}{r.stderr}"
+            assert r.returncode == 0, f"tests/integration/cluster/cluster.sh stop failed:\n{r.stdout}{r.stderr}"
 
 
 def pytest_terminal_summary(terminalreporter):

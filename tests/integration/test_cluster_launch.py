@@ -1,7 +1,7 @@
 """launch.py's multi-node decisions that need no second node: the
 rendezvous name check, the interface towards an address, which peer an
 error names, and the timeout new process groups get. The decisions end to
-end, across emulated nodes, are in tests/cluster/."""
+end, across emulated nodes, are in tests/integration/cluster/."""
 
 from __future__ import annotations
 

@@ -4,28 +4,28 @@
 # allocation.
 #
 # Usage:
-#   tests/cluster/cluster.sh start [--nodes N] [--rate RATE]
+#   tests/integration/cluster/cluster.sh start [--nodes N] [--rate RATE]
 #                                   create N nodes (default 2) joined by one
 #                                   switch, each link capped at RATE (tc
 #                                   syntax: 1gbit, 200mbit; default 1gbit);
 #                                   a no-op when a cluster with the same N is
 #                                   up (its links are then brought up and
 #                                   the rate is changed in place)
-#   tests/cluster/cluster.sh stop   kill every process still inside a node,
+#   tests/integration/cluster/cluster.sh stop   kill every process still inside a node,
 #                                   delete the namespaces, links and host
 #                                   files (a no-op when stopped)
-#   tests/cluster/cluster.sh status say whether it is up (exit 0) or not (1),
+#   tests/integration/cluster/cluster.sh status say whether it is up (exit 0) or not (1),
 #                                   with nodes, addresses, link state and rate
-#   tests/cluster/cluster.sh hosts  print the node names, one per line
-#   tests/cluster/cluster.sh exec NODE [--] CMD [ARGS...]
+#   tests/integration/cluster/cluster.sh hosts  print the node names, one per line
+#   tests/integration/cluster/cluster.sh exec NODE [--] CMD [ARGS...]
 #                                   run CMD on NODE: in its network namespace,
 #                                   with its /etc/hosts and its host name
-#   tests/cluster/cluster.sh kill NODE
+#   tests/integration/cluster/cluster.sh kill NODE
 #                                   SIGKILL every process running on NODE
 #                                   (what a node crash looks like to its peers)
-#   tests/cluster/cluster.sh link NODE up|down
+#   tests/integration/cluster/cluster.sh link NODE up|down
 #                                   take NODE's link down or bring it back
-#   tests/cluster/cluster.sh rate RATE
+#   tests/integration/cluster/cluster.sh rate RATE
 #                                   change every link's cap on a running cluster
 #
 # A node is a network namespace named after it (emu0, emu1, ...), with its
@@ -39,9 +39,9 @@
 # directions of every link at RATE, like a NIC of that speed on a switch.
 #
 # Launching MPI across the nodes: MPICH's Hydra starts one proxy per host with
-# "ssh HOST CMD"; tests/cluster/nsexec stands in for ssh:
-#   tests/cluster/cluster.sh exec emu0 env HYDRA_LAUNCHER=ssh \
-#       HYDRA_LAUNCHER_EXEC=$PWD/tests/cluster/nsexec \
+# "ssh HOST CMD"; tests/integration/cluster/nsexec stands in for ssh:
+#   tests/integration/cluster/cluster.sh exec emu0 env HYDRA_LAUNCHER=ssh \
+#       HYDRA_LAUNCHER_EXEC=$PWD/tests/integration/cluster/nsexec \
 #       mpiexec -n 4 -ppn 2 -hosts emu0,emu1 hostname
 # mpiexec itself must run on node 0 (inside its namespace): from this
 # machine's own namespace the proxies could not connect back to it.
@@ -283,7 +283,7 @@ status() {
 }
 
 node_or_die() {
-    is_up || die "the cluster is not up (tests/cluster/cluster.sh start)"
+    is_up || die "the cluster is not up (tests/integration/cluster/cluster.sh start)"
     is_node "$1" || die "no node '$1' in this cluster ($(recorded_nodes | tr '\n' ' '))"
 }
 
@@ -332,7 +332,7 @@ case "$cmd" in
     rate)
         [ $# -eq 1 ] || bad_usage "usage: cluster.sh rate RATE"
         rate_bits "$1" >/dev/null || bad_usage "RATE must be a tc rate such as 1gbit or 200mbit, got '$1'"
-        is_up || die "the cluster is not up (tests/cluster/cluster.sh start)"
+        is_up || die "the cluster is not up (tests/integration/cluster/cluster.sh start)"
         set_rate "$1"
         say "links capped at $1"
         ;;
