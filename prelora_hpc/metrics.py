@@ -21,6 +21,8 @@ from typing import Any, Optional
 
 import torch
 
+from .records import Record, json_safe, read_records
+
 
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory of this process: CUDA max allocated on a GPU, peak RSS on the CPU."""
@@ -51,16 +53,6 @@ def reset_peak_memory(device: torch.device) -> None:
         pass  # not Linux: the figure stays the process's lifetime peak
 
 
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
-
-
 class MetricsWriter:
     """Appends metrics records; a no-op on ranks other than 0.
 
@@ -88,8 +80,20 @@ class MetricsWriter:
         """One JSON line ``{"kind": kind, "time": unix_s, **fields}``."""
         if not self.enabled:
             return
-        rec = {"kind": kind, "time": round(time.time(), 3), **fields}
-        self._jsonl.write(json.dumps(_clean(rec)) + "\n")
+        self._line({"kind": kind, "time": round(time.time(), 3), **fields})
+
+    def record(self, rec: Record) -> None:
+        """One JSON line of ``rec`` (``records`` defines the layout), its
+        ``time`` stamped now unless it has one."""
+        if not self.enabled:
+            return
+        line = rec.to_json()
+        if line["time"] is None:
+            line["time"] = round(time.time(), 3)
+        self._line(line)
+
+    def _line(self, obj: dict[str, Any]) -> None:
+        self._jsonl.write(json.dumps(json_safe(obj)) + "\n")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """TensorBoard scalars at optimizer step ``step``."""
@@ -121,15 +125,9 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: Path, kind: Optional[str] = None) -> list[dict]:
-    """All records of ``metrics.jsonl`` (optionally one kind), in order."""
-    out = []
-    with open(Path(run_dir) / "metrics.jsonl") as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                if kind is None or rec.get("kind") == kind:
-                    out.append(rec)
-    return out
+    """All records of ``metrics.jsonl`` (optionally one kind), in order, as
+    JSON objects (``records.read_records`` gives them typed)."""
+    return [rec.to_json() for rec in read_records(run_dir, kind)]
 
 
 class Log:

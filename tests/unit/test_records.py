@@ -120,3 +120,21 @@ def test_a_scaling_row_has_exactly_the_keys_and_is_checked():
         ScalingRow.from_json({**d, "stage": 2})
     with pytest.raises(ValueError, match="gpus and images_per_s"):
         ScalingRow.from_json({**d, "gpus": 0})
+
+
+def test_the_writer_writes_records_in_todays_layout_and_stamps_the_time(tmp_path):
+    from prelora_hpc.metrics import MetricsWriter, read_metrics
+
+    w = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+    stop = StopRecord(step=50, signal="SIGTERM")
+    w.record(stop)
+    w.write("stop", step=51, signal="SIGTERM")
+    w.record(ONE_OF_EACH[1])
+    w.close()
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert list(lines[0]) == list(lines[1]) == ["kind", "time", "step", "signal"]
+    assert isinstance(lines[0]["time"], float) and stop.time is None
+    got = read_records(tmp_path)
+    assert got[0] == StopRecord(time=lines[0]["time"], step=50, signal="SIGTERM")
+    assert got[2] == ONE_OF_EACH[1]  # a record with its time keeps it
+    assert read_metrics(tmp_path, "stop") == lines[:2]
