@@ -149,6 +149,10 @@ class WindowHistory:
         self._losses: deque[float] = deque(maxlen=k)
         self.windows_seen = 0
 
+    def layer_names(self) -> list[str]:
+        """Every tracked layer's module path, module by module, block by block."""
+        return [self.layer_name(m, l) for m in self.module_names for l in range(self.num_layers)]
+
     def layer_name(self, module: str, layer: int) -> str:
         """Full name of layer ``layer`` of ``module``, e.g. ``blocks.3.attn.qkv``."""
         return f"{self.block_prefix}.{layer}.{module}"

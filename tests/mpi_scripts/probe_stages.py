@@ -24,7 +24,7 @@ class ProbeTrainer(Trainer):
         self.base0 = self.lora0 = None
         self.engine_sets = {}
 
-    def _after_optimizer_step(self, loss):
+    def on_optimizer_step(self, loss):
         if self.p.stage == 3:
             named = dict(self.model.named_parameters())
             base = {n: p.detach().clone() for n, p in named.items() if ".base_layer." in n}
@@ -36,7 +36,7 @@ class ProbeTrainer(Trainer):
         self.engine_sets[self.p.stage] = (
             sorted(trainable_in_engine(self.engine, self.model)),
             sorted(n for n, p in self.model.named_parameters() if p.requires_grad))
-        super()._after_optimizer_step(loss)
+        super().on_optimizer_step(loss)
 
 
 def main():

@@ -1,6 +1,6 @@
 """prelora-train that sends itself SIGINT (on rank 1) as the run finishes.
 
-Usage: mpiexec -n 2 python signal_while_finishing.py prelora-train-args...
+Usage: mpiexec -n 2 python signal_whilefinishing.py prelora-train-args...
 The signal arrives after the training loop ended, while the final
 evaluation and checkpoint are written: the run completes, and says so.
 """
@@ -14,10 +14,10 @@ from prelora_hpc import cli
 
 
 class LateSignalTrainer(train.Trainer):
-    def _finish(self, wall_s):
+    def finish(self, wall_s):
         if self.dist.rank == 1:
             os.kill(os.getpid(), signal.SIGINT)
-        return super()._finish(wall_s)
+        return super().finish(wall_s)
 
 
 train.Trainer = LateSignalTrainer

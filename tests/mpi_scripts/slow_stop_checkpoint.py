@@ -14,11 +14,16 @@ from prelora_hpc import cli
 class SlowStopTrainer(train.Trainer):
     delay = float(sys.argv[1])
 
-    def save(self, tag=None):
-        if self.stop is not None and self.stop.received is not None:
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        at_stop = self.checkpoints.at_stop
+
+        def slow_at_stop(*args):
             print(f"[rank {self.dist.rank}] writing the stop checkpoint", flush=True)
             time.sleep(self.delay)
-        return super().save(tag)
+            return at_stop(*args)
+
+        self.checkpoints.at_stop = slow_at_stop
 
 
 train.Trainer = SlowStopTrainer
