@@ -1,13 +1,22 @@
-"""Command-line entry points.
+"""Command-line entry points: the ``prelora`` front door and ``prelora-train``.
 
-    mpiexec -n 2 prelora-train --config configs/quickstart.yaml --output-dir runs/qs
+    mpiexec -n 2 prelora train --config configs/quickstart.yaml --output-dir runs/qs
     mpiexec -n 8 --ppn 4 prelora-train --config configs/vit_large_imagenet1k.yaml run.epochs=300
-    prelora-convert /data/imagenet /lus/eagle/projects/P/imagenet1k.h5
+    prelora convert /data/imagenet /lus/eagle/projects/P/imagenet1k.h5
+    prelora launch -- prelora-bench --preset vit-large
+
+``prelora COMMAND ...`` runs the same ``main`` as ``prelora-COMMAND ...``;
+both names stay. Every command keeps one convention: 0 done, 1 an error
+(one line on stderr saying what and where), 2 a usage or config error;
+the trainer adds 74 (a checkpoint could not be written), 75 (the run
+directory is in use), 85 (stopped for walltime after a checkpoint:
+resubmit) and 130 (stopped by Ctrl-C after a checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import traceback
 from typing import Optional
@@ -152,6 +161,50 @@ def convert_main(argv: Optional[list[str]] = None) -> int:
     from .data.convert import main
 
     return main(argv)
+
+
+#: ``prelora`` subcommands: (module, function, one-line summary).
+COMMANDS = {
+    "train": ("prelora_hpc.cli", "train_main", "train a run (under mpiexec: one process per GPU)"),
+    "convert": ("prelora_hpc.cli", "convert_main", "ImageNet-style folders to HDF5"),
+    "export": ("prelora_hpc.export", "main", "merged timm weights and PEFT adapters of a run"),
+    "bench": ("prelora_hpc.bench", "main", "stage 1 vs stage 3 (and peers) side by side"),
+    "report": ("prelora_hpc.report", "main", "plots and report.md of runs; scaling tables"),
+    "compare": ("prelora_hpc.compare", "main", "paired comparison of arms over seeds"),
+    "launch": ("prelora_hpc.launcher", "main", "the launch line for this allocation"),
+    "loader-bench": ("prelora_hpc.data.loader_bench", "main",
+                     "data loader supply against the step's demand"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: prelora COMMAND [ARGS...]   (prelora COMMAND --help for its options)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, _, summary) in COMMANDS.items()]
+    lines += ["", "Each command is also installed as prelora-COMMAND. Exit status: 0 done, "
+              "1 error, 2 usage or config error (train adds 74, 75, 85, 130: see "
+              "prelora train --help)."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``prelora COMMAND ARGS...``: the command's own exit code; 2 for no or
+    an unknown command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"prelora: unknown command '{name}' (choose from {', '.join(COMMANDS)})",
+              file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    try:
+        return getattr(importlib.import_module(module), func)(rest)
+    except SystemExit as e:  # argparse's usage errors and --help
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 from .config import Config
 from .metrics import Log, MetricsWriter
+from .records import (EndRecord, EpochRecord, StartRecord, StepRecord, StopRecord, SwitchRecord,
+                      WindowRecord)
 from .stages import Decision, WindowStats, stage_name
 
 
@@ -56,11 +58,11 @@ class RunLog:
                   f"{window_steps} steps")
         self.info(f"model {cfg.model.name}: {params_total:,} parameters, "
                   f"{trainable:,} trainable, {stage_name(stage)}")
-        self.metrics.write("start", mode=cfg.run.mode, world_size=world_size,
-                           global_batch=global_batch, steps_per_epoch=steps_per_epoch,
-                           total_steps=total_steps, window_steps=window_steps,
-                           params_total=params_total, trainable=trainable, stage=stage,
-                           resumed_from=resumed_from, resumed_step=resumed_step)
+        self.metrics.record(StartRecord(mode=cfg.run.mode, world_size=world_size,
+                                        global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+                                        total_steps=total_steps, window_steps=window_steps,
+                                        params_total=params_total, trainable=trainable, stage=stage,
+                                        resumed_from=resumed_from, resumed_step=resumed_step))
 
     def resumed(self, path, stage: int, step: int, epoch: int) -> None:
         self.info(f"resumed from {path} in {stage_name(stage)} at step {step} (epoch {epoch})")
@@ -78,8 +80,8 @@ class RunLog:
             self.info(f"[{stage_name(stage)}] epoch {epoch} step {step}/{total} loss "
                       f"{loss if loss is not None else float('nan'):.4f} lr {lr:.2e} "
                       f"{images_per_s:.1f} img/s ETA {eta_s / 60:.1f} min")
-        self.metrics.write("step", step=step, epoch=epoch, stage=stage, loss=loss, lr=lr,
-                           images_per_s=images_per_s)
+        self.metrics.record(StepRecord(step=step, epoch=epoch, stage=stage, loss=loss, lr=lr,
+                                       images_per_s=images_per_s))
         self.metrics.scalars(step, {
             "train/loss": loss, "train/lr": lr, "train/images_per_s": images_per_s,
             "train/stage": stage, "train/trainable_params": trainable,
@@ -101,13 +103,13 @@ class RunLog:
                 du += f" (tau_update {pc.tau_update}%)"
         self.info(f"window {window} [{stage_name(stage)}] step {step} loss {stats.loss:.4f} | "
                   f"{what} {dw or 'n/a'} (tau {pc.tau}%) | dL {dl} (zeta {pc.zeta}%){du}")
-        self.metrics.write("window", window=window, step=step, epoch=epoch, stage=stage,
-                           loss=stats.loss, dW=decision.dW, dL=decision.dL,
-                           du=decision.du or None, tau=pc.tau, zeta=pc.zeta,
-                           criterion=pc.criterion, tau_update=pc.tau_update, modules=modules,
-                           norms=stats.norms.tolist(), base_norms=_listed(stats.base_norms),
-                           updates=_listed(stats.updates),
-                           energy_ranks=_listed(stats.energy_ranks))
+        self.metrics.record(WindowRecord(window=window, step=step, epoch=epoch, stage=stage,
+                                         loss=stats.loss, dW=decision.dW, dL=decision.dL,
+                                         du=decision.du or None, tau=pc.tau, zeta=pc.zeta,
+                                         criterion=pc.criterion, tau_update=pc.tau_update, modules=modules,
+                                         norms=stats.norms.tolist(), base_norms=_listed(stats.base_norms),
+                                         updates=_listed(stats.updates),
+                                         energy_ranks=_listed(stats.energy_ranks)))
         self.metrics.scalars(step, {
             "window/loss": stats.loss, "window/dL": decision.dL,
             **{f"window/dW/{m}": v for m, v in decision.dW.items()},
@@ -134,9 +136,9 @@ class RunLog:
                 self.info(f"    {m:<10} {ranks}")
             if self.is_main:
                 (self.out / "rank_map.json").write_text(json.dumps(rank_map, indent=1))
-        self.metrics.write("switch", step=step, epoch=epoch, stage=stage, reason=reason,
-                           rank_map=rank_map, trainable_before=before, trainable_after=after,
-                           trainable_pct=pct, params_total=params_total)
+        self.metrics.record(SwitchRecord(step=step, epoch=epoch, stage=stage, reason=reason,
+                                         rank_map=rank_map, trainable_before=before, trainable_after=after,
+                                         trainable_pct=pct, params_total=params_total))
 
     def epoch(self, *, epoch: int, epochs: int, step: int, stage: int, ev: dict[str, float],
               trainable: int, peak_memory_bytes: int) -> None:
@@ -146,7 +148,7 @@ class RunLog:
         row: dict[str, Any] = {"epoch": epoch, "step": step, "stage": stage, **ev,
                                "trainable_params": trainable,
                                "peak_memory_bytes": peak_memory_bytes}
-        self.metrics.write("epoch", **row)
+        self.metrics.record(EpochRecord(**row))
         self.metrics.summary_row(row)
         self.metrics.scalars(step, {f"eval/{k}": v for k, v in ev.items()})
 
@@ -157,13 +159,13 @@ class RunLog:
 
     def stopped(self, *, step: int, signal: str) -> None:
         """The stop checkpoint is written: the record that ends this segment of the run."""
-        self.metrics.write("stop", step=step, signal=signal)
+        self.metrics.record(StopRecord(step=step, signal=signal))
 
     def end(self, *, step: int, epoch: int, stage: int, wall_s: float, trainable: int,
             params_total: int, skipped_steps: int) -> None:
-        self.metrics.write("end", step=step, epoch=epoch, stage=stage, wall_s=wall_s,
-                           trainable_params=trainable, params_total=params_total,
-                           skipped_steps=skipped_steps)
+        self.metrics.record(EndRecord(step=step, epoch=epoch, stage=stage, wall_s=wall_s,
+                                      trainable_params=trainable, params_total=params_total,
+                                      skipped_steps=skipped_steps))
         self.info(f"done: {step} steps, {stage_name(stage)}, {wall_s:.1f} s")
 
     def close(self) -> None:
