@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .report import ReportError, Run, load_run, plot_runs_top1, stage_stats
 from .replay import rank_histogram
+from .report.read import ReportError, Run, load_run, stage_stats
 
 MODES = ("full", "prelora", "lora")
 RESERVED = ("run.mode", "run.seed", "run.output_dir")
@@ -205,8 +205,8 @@ def summarize(runs: dict[str, list[Run]], seeds: list[int],
         finals = [r.final_eval for r in rs]
         if any(ev is None for ev in finals) or any(r.end is None for r in rs):
             raise CompareError(f"{mode}: a run has no final evaluation or did not finish")
-        top1 = _spread([ev["top1"] for ev in finals])
-        top5 = _spread([ev["top5"] for ev in finals])
+        top1 = _spread([ev.top1 for ev in finals])
+        top5 = _spread([ev.top5 for ev in finals])
         wall = _spread([r.wall_s for r in rs])
         per_stage: dict[int, dict[str, list]] = {}
         for r in rs:
@@ -225,7 +225,7 @@ def summarize(runs: dict[str, list[Run]], seeds: list[int],
                            "steps": _mean(v["steps"])}
                   for s, v in sorted(per_stage.items())}
         switches = [r.first_switch for r in rs]
-        switch_epochs = [r.epoch_of(sw["step"]) for r, sw in zip(rs, switches) if sw]
+        switch_epochs = [r.epoch_of(sw.step) for r, sw in zip(rs, switches) if sw]
         hist: dict[int, int] = {}
         for r in rs:
             for rank, n in rank_histogram(r.rank_map).items():
@@ -239,10 +239,10 @@ def summarize(runs: dict[str, list[Run]], seeds: list[int],
             "process_s": _mean(procs),
             "seeds": list(seeds),
             "epochs": rs[0].epoch_of(rs[0].last_step),
-            "params_total": rs[0].start["params_total"],
+            "params_total": rs[0].start.params_total,
             "stages": stages,
             "switch_epoch": statistics.fmean(switch_epochs) if switch_epochs else None,
-            "switch_epoch_per_seed": [None if sw is None else r.epoch_of(sw["step"])
+            "switch_epoch_per_seed": [None if sw is None else r.epoch_of(sw.step)
                                       for r, sw in zip(rs, switches)],
             "switch_window_per_seed": [r.switch_window for r in rs],
             "rank_histogram": {str(k): v for k, v in sorted(hist.items())},
@@ -269,6 +269,11 @@ def _pm(mean: float, std: float, n: int, spec: str = ".2f") -> str:
     return f"{mean:{spec}}" + (f" ± {std:{spec}}" if n > 1 else "")
 
 
+def arms_title(labels: list[str]) -> str:
+    """The arms compared, in order: ``"full vs prelora vs update"``."""
+    return " vs ".join(labels)
+
+
 def compare_markdown(summary: dict[str, dict], command: str, plot: Optional[str]) -> str:
     """``compare.md``: the table, what each column means, the command."""
     stages = sorted({s for v in summary.values() for s in v["stages"]})
@@ -280,7 +285,7 @@ def compare_markdown(summary: dict[str, dict], command: str, plot: Optional[str]
             + [f"step time stage {s} (s)" for s in stages]
             + [f"trainable params stage {s}" for s in stages]
             + ["switch (epoch)", "rank map histogram (rank: layers)"])
-    lines = ["# full vs prelora vs lora", "",
+    lines = [f"# {arms_title(list(summary))}", "",
              "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 2) + "|---|"]
     for mode, v in summary.items():
         st = v["stages"]
@@ -314,6 +319,23 @@ def compare_markdown(summary: dict[str, dict], command: str, plot: Optional[str]
     if plot:
         lines += [f"![top-1 against epoch]({plot})", ""]
     return "\n".join(lines)
+
+
+def write_results(summary: dict[str, dict], runs: dict[str, list[Run]], labels: list[str],
+                  out: Path, command: str) -> tuple[str, Path]:
+    """``compare_top1.png`` (a colour per arm), ``compare.json`` and
+    ``compare.md`` into ``out``; returns the Markdown and the plot's path."""
+    from .report.plots import plot_runs_top1
+
+    # Seed by seed, the arms interleaved as they trained.
+    order = [(label, runs[label][i]) for i in range(len(runs[labels[0]])) for label in labels]
+    plot = plot_runs_top1([r for _, r in order], out / "compare_top1.png",
+                          title=f"validation top-1: {arms_title(labels)}",
+                          arms=[label for label, _ in order])
+    (out / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
+    md = compare_markdown(summary, command, plot.name)
+    (out / "compare.md").write_text(md)
+    return md, plot
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -378,16 +400,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                   [*args.overrides, *extra]))
                 runs[label].append(load_run(run_dir, f"seed{seed}/{label}"))
         summary = summarize(runs, args.seeds, process_s)
-    except CompareError as e:
+        md, plot = write_results(summary, runs, labels, args.out,
+                                 shlex.join(["prelora-compare", *argv]))
+    except (CompareError, ReportError, ValueError, OSError) as e:
+        # A run that failed, or trained but left records that cannot be read,
+        # or results that cannot be written: a runtime error, not a usage one.
         print(f"prelora-compare: error: {e}", file=sys.stderr)
         return 1
-    all_runs = [r for i in range(len(args.seeds)) for m in labels for r in runs[m][i:i + 1]]
-    plot = plot_runs_top1(all_runs, args.out / "compare_top1.png",
-                          title="validation top-1: full vs prelora vs lora")
-    command = shlex.join(["prelora-compare", *argv])
-    (args.out / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
-    md = compare_markdown(summary, command, plot.name)
-    (args.out / "compare.md").write_text(md)
     print(md)
     print(f"wrote {args.out / 'compare.md'}, {args.out / 'compare.json'}, {plot}")
     return 0

@@ -171,9 +171,9 @@ class WindowRecord(Record):
     modules: list[str]
     """Tracked module names, the order of the rows below."""
     norms: list[list[float]]
-    """[module][layer] squared Frobenius norm of the (effective) weight."""
+    """[module][layer] Frobenius norm of the weight (the effective weight once adapted)."""
     base_norms: Optional[list[list[float]]] = None
-    """[module][layer] squared norm of the base weight alone, once adapters exist."""
+    """[module][layer] Frobenius norm of the base weight alone, once adapters exist."""
     updates: Optional[list[list[float]]] = None
     """[module][layer] relative update from the previous window, percent."""
     energy_ranks: Optional[list[list[int]]] = None

@@ -9,8 +9,10 @@ the trainer decides with, with knobs of your choice, and says at which
 window the run would have switched and with which rank map.
 
     from prelora_hpc.replay import ReplayParams, replay
+    from prelora_hpc.report.read import load_run
+    run = load_run("runs/qs")            # typed records, each window once
     params = ReplayParams.parse("tau=0.5,k=4", ReplayParams.from_config(cfg))
-    result = replay(window_records, params, actual_switch=switch_record)
+    result = replay(run.windows, params, actual_switch=run.first_switch)
 
 Only stage-1 windows can be replayed: after the actual switch the recorded
 norms are those of the effective weights of an adapted model (base plus
@@ -27,6 +29,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from .records import SwitchRecord, WindowRecord
 from .stages import SwitchParams, SwitchPolicy, WindowStats
 
 #: The replay's knobs are the policy's (``prelora`` section of the config).
@@ -78,21 +81,21 @@ class ReplayResult:
         return d
 
 
-def stage1_windows(windows: list[dict]) -> list[dict]:
+def stage1_windows(windows: list[WindowRecord]) -> list[WindowRecord]:
     """The stage-1 ``window`` records, by window number.
 
     The window at which the run switched is recorded in stage 1 (the record
     is written before the switch), so it is included.
     """
-    return sorted((w for w in windows if w["stage"] == 1), key=lambda w: w["window"])
+    return sorted((w for w in windows if w.stage == 1), key=lambda w: w.window)
 
 
-def replay(windows: list[dict], params: ReplayParams,
-           actual_switch: Optional[dict] = None) -> ReplayResult:
+def replay(windows: list[WindowRecord], params: ReplayParams,
+           actual_switch: Optional[SwitchRecord] = None) -> ReplayResult:
     """Replay Algorithm 1 and 2 over the stage-1 ``window`` records.
 
-    ``windows``: the run's ``window`` records (any stages; deduplicated by
-    window number). ``actual_switch``: the run's first ``switch`` record, if
+    ``windows``: the run's ``WindowRecord`` s (any stages; deduplicated by
+    window number). ``actual_switch``: the run's first ``SwitchRecord``, if
     it switched, for the side-by-side answer. The decision is made by a
     ``SwitchPolicy``, the object the trainer decides with: every window is
     recorded keeping the last k; once k are kept and at least
@@ -107,32 +110,31 @@ def replay(windows: list[dict], params: ReplayParams,
     hist = stage1_windows(windows)
     result = ReplayResult(params=params, switched=False, stage1_windows=len(hist))
     if actual_switch is not None:
-        result.actual_step = actual_switch["step"]
-        result.actual_rank_map = dict(actual_switch.get("rank_map") or {})
-        at = [w["window"] for w in hist if w["step"] == actual_switch["step"]]
+        result.actual_step = actual_switch.step
+        result.actual_rank_map = dict(actual_switch.rank_map or {})
+        at = [w.window for w in hist if w.step == actual_switch.step]
         result.actual_window = at[-1] if at else None
     if not hist:
         result.note = ("no stage-1 windows recorded (a 'lora' run, or a run that stopped "
                        "before its first window): nothing to replay")
         return result
-    result.last_stage1_window = hist[-1]["window"]
-    modules = list(hist[0]["modules"])
-    policy = SwitchPolicy(params, modules, len(hist[0]["norms"][0]))
+    result.last_stage1_window = hist[-1].window
+    modules = list(hist[0].modules)
+    policy = SwitchPolicy(params, modules, len(hist[0].norms[0]))
     for w in hist:
-        if list(w["modules"]) != modules:
-            raise ValueError(f"window {w['window']} tracks {w['modules']}, window "
-                             f"{hist[0]['window']} {modules}: not one run's history")
-        # Records written before update statistics existed have no such keys.
-        d = policy.observe(WindowStats(norms=w["norms"], loss=w["loss"],
-                                       updates=w.get("updates"),
-                                       energy_ranks=w.get("energy_ranks")),
+        if list(w.modules) != modules:
+            raise ValueError(f"window {w.window} tracks {w.modules}, window "
+                             f"{hist[0].window} {modules}: not one run's history")
+        # Records written before update statistics existed have None here.
+        d = policy.observe(WindowStats(norms=w.norms, loss=w.loss, updates=w.updates,
+                                       energy_ranks=w.energy_ranks),
                            can_switch=True)
-        result.checks.append(WindowCheck(window=w["window"], step=w["step"], tested=d.tested,
+        result.checks.append(WindowCheck(window=w.window, step=w.step, tested=d.tested,
                                          passed=d.passed, max_abs_dW=d.max_abs_dW,
                                          max_abs_dL=d.max_abs_dL, max_update=d.max_update))
         if d.switch and not result.switched:
             result.switched = True
-            result.window, result.step, result.epoch = w["window"], w["step"], w["epoch"]
+            result.window, result.step, result.epoch = w.window, w.step, w.epoch
             result.rank_map = d.rank_map
     result.note = _note(result)
     return result

@@ -1,0 +1,92 @@
+"""prelora-compare without training: argument checks, the paired statistics,
+the table's title and the plot's colours per arm."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from prelora_hpc import compare
+from prelora_hpc.records import EpochRecord, StartRecord
+from prelora_hpc.report import plots
+from prelora_hpc.report.read import Run
+
+
+def test_reserved_overrides_and_bad_keys_are_refused_before_training(tmp_path, capsys):
+    assert compare.main(["--out", str(tmp_path), "run.mode=full"]) == 2
+    assert "run.mode" in capsys.readouterr().err
+    assert compare.main(["--out", str(tmp_path), "optim.lrr=1"]) == 2
+    assert "lrr" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_seed_and_mode_lists_are_checked():
+    assert compare.parse_seeds("0,1,2") == [0, 1, 2]
+    assert compare.parse_modes("lora,full") == ["lora", "full"]
+    for bad in ("0,0", "a", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="seeds"):
+            compare.parse_seeds(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="modes"):
+        compare.parse_modes("full,qlora")
+
+
+
+def test_paired_difference_mean_and_t_interval():
+    # d = 1, 2, 3: mean 2, sd 1, half width t(0.975, 2) / sqrt(3) = 4.303 / 1.732.
+    d = compare.paired_difference([91.0, 92.0, 93.0], [90.0, 90.0, 90.0])
+    assert d["per_seed"] == [1.0, 2.0, 3.0] and d["mean"] == 2.0 and d["std"] == 1.0
+    assert d["ci95"] == pytest.approx([2.0 - 4.303 / 3**0.5, 2.0 + 4.303 / 3**0.5])
+    assert compare.t975(4) == 2.776 and compare.t975(1000) == 1.96
+    with pytest.raises(ValueError, match="equal"):
+        compare.paired_difference([1.0], [1.0, 2.0])
+
+
+def test_variants_are_parsed_and_checked():
+    assert compare.parse_variant("upd:prelora.criterion=update, prelora.tau_update=0.5") == (
+        "upd", ["run.mode=prelora", "prelora.criterion=update", "prelora.tau_update=0.5"])
+    assert compare.parse_variant("r4:run.mode=lora,lora.rank=4")[1] == ["run.mode=lora",
+                                                                       "lora.rank=4"]
+    for bad in ("noop", "full:prelora.tau=1", "x:run.seed=3", "x:tau"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            compare.parse_variant(bad)
+
+
+def _summary_entry(top1):
+    return {"top1": top1, "top1_std": 0.0, "top1_per_seed": [top1], "top5": 90.0,
+            "top5_std": 0.0, "wall_s": 10.0, "wall_s_std": 0.0, "stages": {},
+            "stage3_share": None, "switch_epoch": None, "switch_epoch_per_seed": [None],
+            "rank_histogram": {}, "seeds": [0]}
+
+
+def test_the_table_is_titled_by_the_arms_compared():
+    md = compare.compare_markdown({"full": _summary_entry(80.0), "update": _summary_entry(79.0)},
+                                  "prelora-compare --modes full", None)
+    assert md.splitlines()[0] == "# full vs update"
+    assert "| update | 79.00 |" in md
+
+
+def _run(name, mode, top1):
+    start = StartRecord(mode=mode, world_size=2, global_batch=8, steps_per_epoch=4,
+                        total_steps=8, window_steps=2, params_total=10, trainable=10, stage=1)
+    epochs = [EpochRecord(epoch=e, step=4 * e, stage=1, val_loss=1.0, top1=top1 + e, top5=90.0,
+                          trainable_params=10, peak_memory_bytes=1) for e in (1, 2)]
+    return Run(path=Path(name), name=name, start=start, starts=[start], epochs=epochs)
+
+
+def test_each_arm_has_its_own_colour_also_two_prelora_arms(tmp_path, monkeypatch):
+    runs = [_run(f"seed{s}/{arm}", mode, 50.0 + s)
+            for s in (0, 1) for arm, mode in (("full", "full"), ("prelora", "prelora"),
+                                              ("update", "prelora"))]
+    arms = [r.name.split("/")[1] for r in runs]
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    plots.plot_runs_top1(runs, tmp_path / "top1.png", arms=arms)
+    lines = [l for l in drawn[0].axes[0].get_lines() if l.get_label() in {r.label for r in runs}]
+    color = {l.get_label(): l.get_color() for l in lines}
+    by_arm = {arm: {color[r.label] for r, a in zip(runs, arms) if a == arm} for arm in set(arms)}
+    assert all(len(c) == 1 for c in by_arm.values())  # the seeds of an arm alike
+    assert len({c.pop() for c in by_arm.values()}) == 3  # the arms apart
+    assert plots.arm_colors(["full", "prelora", "lora"]) == {
+        m: plots.MODE_COLORS[m] for m in ("full", "prelora", "lora")}
