@@ -32,6 +32,8 @@ from mpi4py import MPI  # noqa: E402
 
 import torch  # noqa: E402
 
+from .launcher import MASTER_ADDR_VAR  # noqa: E402
+
 #: Exit code of a run stopped by a walltime signal after checkpointing; job
 #: scripts resubmit on it.
 EXIT_RESUBMIT = 85
@@ -74,10 +76,10 @@ def _master_name(single_node: bool) -> str:
     # A job on one node needs no network name at all.
     if single_node:
         return "127.0.0.1"
-    # launch.sh exports the high-speed-network name where it resolves
+    # prelora-launch exports the high-speed-network name where it resolves
     # (Polaris: the management interface would carry the bootstrap
     # otherwise); else the node's own name, as the other nodes know it.
-    return os.environ.get("PRELORA_MASTER_ADDR") or socket.gethostname()
+    return os.environ.get(MASTER_ADDR_VAR) or socket.gethostname()
 
 
 def _resolve(name: str) -> tuple[Optional[str], str]:
@@ -146,7 +148,7 @@ def _check_rendezvous(comm, name: str) -> str:
             where = "; ".join(f"on {h}: {w}" for h, w in bad)
             print(f"[rank 0] error: the rendezvous name {name!r} (rank 0's node) {where}; "
                   "list every node in each node's /etc/hosts or DNS, or export "
-                  "PRELORA_MASTER_ADDR with a name that resolves everywhere",
+                  f"{MASTER_ADDR_VAR} with a name that resolves everywhere",
                   file=sys.stderr, flush=True)
         raise SystemExit(1)
     return addr

@@ -1,0 +1,543 @@
+"""prelora-launch's decisions (prelora_hpc/launcher.py) from environment
+dicts and faked probes: the launch line, the ranks' environment, the layout
+line, warnings and usage errors under PBS (Cray PALS, MPICH Hydra, Open
+MPI), Slurm and a workstation; the stop timer; exit statuses.
+
+No scheduler and no MPI: nvidia-smi, mpiexec --version, getent, qstat,
+squeue and scontrol are answers of a :class:`FakeProbes`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prelora_hpc import launcher
+from prelora_hpc.launcher import Options, UsageError
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = str(ROOT / "configs" / "vit_large_imagenet1k.yaml")
+AFFINITY = str(ROOT / "scripts" / "gpu_affinity.sh")
+NODE_WATCH = str(ROOT / "scripts" / "node_watch.sh")
+HOSTS = ["x3006c0s13b0n0.hsn.cm.polaris.alcf.anl.gov", "x3006c0s19b1n0.hsn.cm.polaris.alcf.anl.gov"]
+BIN = "/fake/bin"
+TRAIN = f"{BIN}/prelora-train"
+PROGRAM = ["prelora-train", "--config", CONFIG, "--output-dir", "runs/x"]
+NOW = 1_900_000_000.0
+
+VERSIONS = {"pals": "", "hydra": "HYDRA build details:\n    Version: 5.0.2",
+            "openmpi": "mpiexec (Open MPI) 5.0.5", "unknown": "mpiexec 1.0"}
+
+
+class FakeProbes(launcher.Probes):
+    """A node with ``gpus`` GPUs, an mpiexec of ``mpi`` (Cray PALS' lives
+    under /opt/cray/pals/, as on Polaris), the commands ``commands`` on PATH
+    and the host names ``resolvable``; ``answers`` maps a command's name to
+    what it prints."""
+
+    def __init__(self, gpus=0, mpi="pals", resolvable=(), commands=(), answers=None,
+                 glob=None):
+        on_path = {"prelora-train", "prelora-bench", "mpiexec", "nvidia-smi", *commands}
+        answers = dict(answers or {})
+
+        def which(name, path=None):
+            if os.sep in name:
+                return name
+            return f"{BIN}/{name}" if name in on_path else None
+
+        def output(argv):
+            name = os.path.basename(argv[0])
+            if name == "nvidia-smi":
+                return "".join(f"GPU {i}: NVIDIA A100-SXM4-40GB (UUID: GPU-{i})\n"
+                               for i in range(gpus)) or "No devices were found\n"
+            if name == "mpiexec" and argv[1:] == ["--version"]:
+                return VERSIONS[mpi]
+            return answers.get(name)
+
+        def ok(argv):
+            a = answers.get(os.path.basename(argv[0]))
+            return a(argv) if callable(a) else a
+
+        super().__init__(
+            which=which, output=output, ok=ok, resolves=lambda n: n in resolvable,
+            glob=glob or (lambda pattern: []), hostname=lambda: "workstation", now=lambda: NOW,
+            realpath=lambda p: "/opt/cray/pals/1.4/bin/mpiexec" if mpi == "pals" and
+            p == f"{BIN}/mpiexec" else p)
+
+
+def polaris(gpus=4):
+    """A Polaris node: Cray PALS, GPUs, high-speed-network names that resolve."""
+    return FakeProbes(gpus=gpus, mpi="pals", resolvable=(*HOSTS, "x3006c0s13b0n0.hsn.example"))
+
+
+def nodefile(tmp_path, hosts=HOSTS, slots=4) -> str:
+    p = tmp_path / "nodefile"
+    # PBS writes each host once per MPI slot.
+    p.write_text("".join(f"{h}\n" for h in hosts for _ in range(slots)))
+    return str(p)
+
+
+def plan(env, probes, opts=None, program=PROGRAM):
+    return launcher.plan(opts or Options(dry_run=True), program, env, probes)
+
+
+def follows(argv, *seq):
+    """True if the tokens seq appear consecutively in argv."""
+    n = len(seq)
+    return any(tuple(argv[i:i + n]) == seq for i in range(len(argv) - n + 1))
+
+
+# --------------------------------------------------------------------------- #
+# PBS
+
+
+def test_pbs_with_gpus_on_polaris(tmp_path):
+    nf = nodefile(tmp_path)
+    p = plan({"PBS_NODEFILE": nf, "PBS_JOBID": "1.polaris"}, polaris())
+    argv = p.argv
+    assert argv[0] == f"{BIN}/mpiexec"
+    assert follows(argv, "-n", "8") and follows(argv, "--ppn", "4")
+    # 16 hardware threads per rank: more than the reference config's 8 DataLoader workers.
+    assert "--depth=16" in argv and follows(argv, "--cpu-bind", "depth")
+    assert "--envall" in argv and follows(argv, "--hostfile", nf)
+    # The affinity wrapper comes right before the program.
+    i = argv.index(AFFINITY)
+    assert argv[i + 1:] == [TRAIN, "--config", CONFIG, "--output-dir", "runs/x"]
+    d = p.description
+    assert "scheduler=pbs nodes=2 ranks_per_node=4 ranks=8 gpus_per_node=4" in d
+    assert "mpi=pals binding=depth:16 nccl_env=on" in d
+    assert "master_addr=x3006c0s13b0n0.hsn.cm.polaris.alcf.anl.gov" in d
+    s = p.env.set
+    assert s["NCCL_NET"] == "AWS Libfabric" and s["NCCL_NET_GDR_LEVEL"] == "PHB"
+    assert s["NCCL_CROSS_NIC"] == "1" and s["NCCL_COLLNET_ENABLE"] == "1"
+    assert s["FI_CXI_DEFAULT_CQ_SIZE"] == "131072" and s["FI_MR_CACHE_MONITOR"] == "userfaultfd"
+    assert s["TMPDIR"] == "/tmp" and s["PRELORA_MASTER_ADDR"] == HOSTS[0]
+    assert not any(w.startswith("--depth") for w in p.warnings)
+
+
+def test_pbs_options(tmp_path):
+    nf = nodefile(tmp_path)
+    env = {"PBS_NODEFILE": nf, "NCCL_NET": "AWS Libfabric", "NCCL_CROSS_NIC": "0"}
+    p = plan(env, polaris(), Options(dry_run=True, nccl_env=False, ppn=2, depth=16))
+    assert follows(p.argv, "-n", "4") and follows(p.argv, "--ppn", "2") and "--depth=16" in p.argv
+    assert not any(k.startswith("NCCL_") for k in p.env.set)
+    # --no-nccl-env removes the ones the environment already has.
+    ranks_env = p.env.apply(env)
+    assert not any(k.startswith("NCCL_") for k in ranks_env)
+    assert p.env.set["FI_MR_CACHE_MONITOR"] == "userfaultfd"
+    assert p.env.ofi_nccl is None and "nccl_env=off" in p.description     # no plugin asked for
+    # A value already in the environment (a conda module's) is kept.
+    p = plan({"PBS_NODEFILE": nf, "NCCL_NET_GDR_LEVEL": "SYS"}, polaris())
+    assert p.env.set["NCCL_NET_GDR_LEVEL"] == "SYS"
+    # Another network name suffix, or none.
+    p = plan({"PBS_NODEFILE": nf, "PRELORA_HSN_SUFFIX": ".hsn.example"}, polaris())
+    assert "master_addr=x3006c0s13b0n0.hsn.example " in p.description
+    p = plan({"PBS_NODEFILE": nf, "PRELORA_HSN_SUFFIX": ""}, polaris())
+    assert f"master_addr={HOSTS[0]} " in p.description
+    # Another site's TMPDIR.
+    p = plan({"PBS_NODEFILE": nf, "PRELORA_TMPDIR": "/local/scratch"}, polaris())
+    assert p.env.set["TMPDIR"] == "/local/scratch"
+    # --np over the layout's count.
+    p = plan({"PBS_NODEFILE": nf}, polaris(), Options(dry_run=True, np=3))
+    assert follows(p.argv, "-n", "3") and "ranks=3" in p.description
+
+
+def test_pbs_without_gpus(tmp_path):
+    p = plan({"PBS_NODEFILE": nodefile(tmp_path, slots=1)}, polaris(gpus=0))
+    assert follows(p.argv, "-n", "8") and follows(p.argv, "--ppn", "4")   # the default
+    assert not any(k.startswith(("NCCL_", "FI_")) for k in p.env.set)
+    assert "nccl_env=n/a" in p.description and "gpus_per_node=0" in p.description
+
+
+def test_pbs_rendezvous_name_only_where_it_resolves(tmp_path):
+    """The Polaris high-speed-network suffix is added only where the name
+    resolves; another PBS site's node keeps its own name."""
+    probes = FakeProbes(mpi="pals", resolvable=("emu0", "emu1"))
+    nf = nodefile(tmp_path, hosts=["emu0", "emu1"], slots=2)
+    p = plan({"PBS_NODEFILE": nf}, probes)
+    assert "master_addr=emu0 " in p.description and p.env.set["PRELORA_MASTER_ADDR"] == "emu0"
+    assert "emu0.hsn.cm.polaris.alcf.anl.gov does not resolve here: the rendezvous uses emu0" \
+        in p.warnings
+    # A name the user gives is taken as it is.
+    p = plan({"PBS_NODEFILE": nf, "PRELORA_MASTER_ADDR": "10.1.2.3"}, probes)
+    assert "master_addr=10.1.2.3 " in p.description and "PRELORA_MASTER_ADDR" not in p.env.set
+    assert not any("does not resolve" in w for w in p.warnings)
+
+
+def test_pbs_mpich_hydra(tmp_path):
+    """PBS with MPICH's mpiexec (Hydra): its own options, each host once, and
+    the remote shell wrapped so a lost node is named."""
+    probes = FakeProbes(mpi="hydra", resolvable=("emu0", "emu1"))
+    nf = nodefile(tmp_path, hosts=["emu0", "emu1"], slots=2)
+    p = plan({"PBS_NODEFILE": nf}, probes, Options(dry_run=True, ppn=2))
+    argv = p.argv
+    assert follows(argv, "-n", "4") and follows(argv, "-ppn", "2")
+    assert follows(argv, "-hosts", "emu0,emu1") and "-envall" in argv
+    # No PALS options, which Hydra refuses ("unable to parse user arguments").
+    assert not any(a.startswith(("--depth", "--cpu-bind", "--ppn", "--hostfile")) for a in argv)
+    assert "-bind-to" not in argv
+    assert "mpi=hydra binding=none" in p.description
+    s = p.env.set
+    assert s["HYDRA_LAUNCHER_EXEC"] == NODE_WATCH and s["HYDRA_LAUNCHER"] == "ssh"
+    assert s["PRELORA_REMOTE_SHELL"] == "ssh" and s["PRELORA_JOB_PPN"] == "2"
+    assert s["PRELORA_JOB_HOSTS"] == "emu0 emu1"
+    assert argv[argv.index(AFFINITY) + 1] == TRAIN
+    # A binding when asked; a site's own remote shell is kept behind the watch.
+    p = plan({"PBS_NODEFILE": nf, "HYDRA_LAUNCHER_EXEC": "/opt/rsh"}, probes,
+             Options(dry_run=True, ppn=2, depth=4))
+    assert follows(p.argv, "-bind-to", "core:4") and p.env.set["PRELORA_REMOTE_SHELL"] == "/opt/rsh"
+    assert "binding=core:4" in p.description
+    # Already behind the watch, or another launcher than a remote shell: left alone.
+    for extra in ({"HYDRA_LAUNCHER_EXEC": NODE_WATCH}, {"HYDRA_LAUNCHER": "slurm"}):
+        p = plan({"PBS_NODEFILE": nf, **extra}, probes)
+        assert "HYDRA_LAUNCHER_EXEC" not in p.env.set
+    # One host: nothing to watch.
+    p = plan({"PBS_NODEFILE": nodefile(tmp_path, hosts=["emu0"], slots=2)}, probes)
+    assert follows(p.argv, "-hosts", "emu0") and "HYDRA_LAUNCHER_EXEC" not in p.env.set
+
+
+def test_pbs_open_mpi(tmp_path):
+    probes = FakeProbes(mpi="openmpi")
+    nf = nodefile(tmp_path, hosts=["n0", "n1"], slots=2)
+    env = {"PBS_NODEFILE": nf, "PATH": "/usr/bin", "DS_ACCELERATOR": "cpu"}
+    p = plan(env, probes, Options(dry_run=True, ppn=2, depth=8))
+    argv = p.argv
+    assert follows(argv, "-n", "4") and follows(argv, "--map-by", "ppr:2:node:PE=8")
+    assert follows(argv, "--bind-to", "core") and follows(argv, "--hostfile", nf)
+    # Open MPI forwards only the variables it is told to: those set, and this launch's.
+    assert follows(argv, "-x", "PATH") and follows(argv, "-x", "DS_ACCELERATOR")
+    assert follows(argv, "-x", "PRELORA_MASTER_ADDR") and follows(argv, "-x", "TMPDIR")
+    assert not follows(argv, "-x", "PYTHONPATH")
+    assert "mpi=openmpi binding=core:8" in p.description
+    p = plan(env, probes, Options(dry_run=True, ppn=2))
+    assert follows(p.argv, "--map-by", "ppr:2:node") and follows(p.argv, "--bind-to", "none")
+
+
+def test_pbs_unknown_mpi_falls_back_to_pals_and_says_so(tmp_path):
+    nf = nodefile(tmp_path)
+    p = plan({"PBS_NODEFILE": nf}, FakeProbes(mpi="unknown"))
+    assert "--cpu-bind" in p.argv and "mpi=pals" in p.description
+    assert any("names none of Cray PALS, MPICH Hydra, Open MPI" in w and
+               "PRELORA_MPI_FLAVOUR" in w for w in p.warnings)
+    p = plan({"PBS_NODEFILE": nf, "PRELORA_MPI_FLAVOUR": "hydra"}, FakeProbes(mpi="unknown"))
+    assert "-ppn" in p.argv and "mpi=hydra" in p.description
+    assert not any("names none" in w for w in p.warnings)
+    with pytest.raises(UsageError, match="PRELORA_MPI_FLAVOUR must be pals, hydra or openmpi"):
+        plan({"PBS_NODEFILE": nf, "PRELORA_MPI_FLAVOUR": "mvapich"}, FakeProbes(mpi="unknown"))
+
+
+@pytest.mark.parametrize("version, flavour", [
+    ("HYDRA build details:", "hydra"), ("Intel(R) MPI Library for Linux", "hydra"),
+    ("mpiexec (Open MPI) 5.0.5", "openmpi"), ("mpiexec (OpenRTE) 4.1", "openmpi"),
+    ("PALS 1.2.12", "pals"), ("mpiexec 1.0", None),
+])
+def test_mpi_flavour_from_the_version_text(version, flavour):
+    probes = FakeProbes(mpi="unknown")
+    probes.output = lambda argv: version
+    assert launcher.mpi_flavour("/usr/bin/mpiexec", {}, probes) == flavour
+
+
+def test_pbs_warns_when_depth_does_not_exceed_workers(tmp_path):
+    env = {"PBS_NODEFILE": nodefile(tmp_path)}
+    # The reference config has 8 workers per rank.
+    p = plan(env, polaris(gpus=0), Options(dry_run=True, depth=8))
+    assert "--depth 8 is not above data.num_workers=8: each rank's DataLoader workers share its " \
+           "8 core(s) with it (use a depth of at least 9)" in p.warnings
+    p = plan(env, polaris(gpus=0), Options(dry_run=True, depth=8),
+             program=[*PROGRAM, "data.num_workers=4"])
+    assert not any(w.startswith("--depth") for w in p.warnings)
+    p = plan(env, polaris(gpus=0), Options(dry_run=True, depth=9))
+    assert not any(w.startswith("--depth") for w in p.warnings)
+    # Only prelora-train's config counts (prelora-bench runs no DataLoader workers).
+    p = plan(env, polaris(gpus=0), Options(dry_run=True, depth=8),
+             program=["prelora-bench", "--config", CONFIG])
+    assert not any(w.startswith("--depth") for w in p.warnings)
+
+
+def test_pbs_aws_ofi_nccl_plugin(tmp_path):
+    """NCCL_NET="AWS Libfabric" needs the aws-ofi-nccl plugin on
+    LD_LIBRARY_PATH: found, it is put there; missing, the launch says so."""
+    import glob
+
+    nf = nodefile(tmp_path)
+    p = plan({"PBS_NODEFILE": nf, "LD_LIBRARY_PATH": "/usr/lib"}, polaris())
+    assert "ofi_nccl=missing" in p.description
+    assert any(w.startswith('NCCL_NET="AWS Libfabric" but no aws-ofi-nccl plugin') for w in p.warnings)
+    plugin = tmp_path / "aws-ofi-nccl" / "lib"
+    plugin.mkdir(parents=True)
+    (plugin / "libnccl-net.so").write_text("")
+    probes = polaris()
+    probes.glob = glob.glob
+    p = plan({"PBS_NODEFILE": nf, "PRELORA_OFI_NCCL_DIR": str(plugin), "LD_LIBRARY_PATH": "/usr/lib"},
+             probes)
+    assert f"ofi_nccl={plugin}" in p.description and not any("NCCL" in w for w in p.warnings)
+    assert p.env.set["LD_LIBRARY_PATH"] == f"{plugin}:/usr/lib"
+    # Already on LD_LIBRARY_PATH (a module loaded it): found, nothing added.
+    p = plan({"PBS_NODEFILE": nf, "LD_LIBRARY_PATH": f"/usr/lib:{plugin}"}, probes)
+    assert f"ofi_nccl={plugin}" in p.description and "LD_LIBRARY_PATH" not in p.env.set
+    # The newest of the site's installs (1.10 after 1.9).
+    soft = tmp_path / "soft"
+    for v in ("v1.9.0", "v1.10.0"):
+        (soft / v / "lib").mkdir(parents=True)
+        (soft / v / "lib" / "libnccl-net.so.0").write_text("")
+    probes.glob = lambda pat: glob.glob(pat.replace("/soft/libraries/aws-ofi-nccl", str(soft)))
+    p = plan({"PBS_NODEFILE": nf}, probes)
+    assert p.env.set["LD_LIBRARY_PATH"] == str(soft / "v1.10.0" / "lib")
+    # --no-nccl-env: no NCCL_NET, no plugin needed.
+    p = plan({"PBS_NODEFILE": nf}, polaris(), Options(dry_run=True, nccl_env=False))
+    assert "ofi_nccl" not in p.description
+
+
+def qstat_answer(walltime="01:00:00", used="00:00:00", started_ago=100):
+    text = (f"Job Id: 1.polaris\n    Resource_List.walltime = {walltime}\n"
+            f"    resources_used.walltime = {used}\n")
+    if started_ago is None:
+        return text
+    return text + time.strftime("    stime = %a %b %e %H:%M:%S %Y\n", time.localtime(NOW - started_ago))
+
+
+def test_pbs_stop_timer_from_qstat(tmp_path):
+    env = {"PBS_NODEFILE": nodefile(tmp_path), "PBS_JOBID": "1.polaris"}
+    probes = FakeProbes(commands=["qstat"], answers={"qstat": qstat_answer()})
+    p = plan(env, probes)
+    # 3600 s walltime - 100 s elapsed - 300 s margin.
+    assert p.description.endswith("stop_before=300s (SIGTERM in 3200s)") and p.stop_in == 3200
+    p = plan(env, probes, Options(dry_run=True, stop_before=0))
+    assert p.description.endswith("stop_before=off") and p.stop_in is None
+    # Without a start time, the (lagging) used-walltime counter.
+    probes = FakeProbes(commands=["qstat"],
+                        answers={"qstat": qstat_answer(used="00:10:00", started_ago=None)})
+    assert plan(env, probes).stop_in == 3600 - 600 - 300
+    # Past the margin already: at once.
+    probes = FakeProbes(commands=["qstat"], answers={"qstat": qstat_answer(walltime="00:05:00")})
+    assert plan(env, probes).stop_in == 1
+    # No qstat: the scheduler's own signal.
+    p = plan(env, FakeProbes())
+    assert p.stop_in is None and "walltime unknown: relying on the scheduler's signal" in p.description
+
+
+@pytest.mark.parametrize("text, seconds", [("01:00:00", 3600), ("05:30", 330), ("42", 42),
+                                           ("1-02:00:00", 93600), ("UNLIMITED", None), ("", None)])
+def test_parse_duration(text, seconds):
+    assert launcher.parse_duration(text) == seconds
+
+
+# --------------------------------------------------------------------------- #
+# Slurm and a workstation
+
+
+def slurm_probes(gpus=4):
+    return FakeProbes(gpus=gpus, commands=["srun", "scontrol"],
+                      answers={"scontrol": "nid001000\nnid001001\n"})
+
+
+SLURM = {"SLURM_JOB_ID": "42", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "4",
+         "SLURM_JOB_NODELIST": "nid[001000-001001]", "SLURM_CPUS_PER_TASK": "32"}
+
+
+def test_slurm():
+    p = plan(dict(SLURM), slurm_probes())
+    argv = p.argv
+    assert argv[0] == f"{BIN}/srun" and "--mpi=pmi2" in argv
+    assert follows(argv, "-n", "8") and follows(argv, "--ntasks-per-node", "4")
+    assert "--cpu-bind=cores" in argv and follows(argv, "-c", "32")
+    assert "--gpus-per-task=1" in argv and "--gpu-bind=none" in argv
+    assert AFFINITY not in argv
+    i = argv.index(TRAIN)
+    assert argv[i + 1:] == ["--config", CONFIG, "--output-dir", "runs/x"]
+    assert "master_addr=nid001000" in p.description and "nodes=2" in p.description
+    assert "binding=cores:32" in p.description and p.stop_in is None
+    # Through mpiexec instead of srun.
+    p = plan(dict(SLURM), slurm_probes(), Options(dry_run=True, launcher="mpiexec"))
+    assert p.argv[:6] == [f"{BIN}/mpiexec", "-n", "8", "--ppn", "4", TRAIN]
+    assert "binding=launcher-default" in p.description
+    # A CPU partition: no GPU options; the site's own srun MPI plugin.
+    env = {**SLURM, "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NUM_NODES": "1", "PRELORA_SRUN_MPI": ""}
+    p = plan(env, slurm_probes(gpus=0))
+    assert follows(p.argv, "-n", "2") and not any(a.startswith(("--gpu", "--mpi")) for a in p.argv)
+    # Slurm's count of the job's GPUs wins over the node's; GPUs give the ranks per node.
+    env = {"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "2"}
+    p = plan(env, FakeProbes(gpus=4, commands=["srun"]))
+    assert follows(p.argv, "--ntasks-per-node", "2") and "master_addr=workstation" in p.description
+    # A high-speed-network suffix, when given.
+    p = plan({**SLURM, "PRELORA_HSN_SUFFIX": "-hsn"}, slurm_probes())
+    assert p.env.set["PRELORA_MASTER_ADDR"] == "nid001000-hsn"
+
+
+def test_slurm_stop_timer_from_squeue():
+    probes = slurm_probes()
+    probes.ok = lambda argv: "15:00\n" if os.path.basename(argv[0]) == "squeue" else "nid001000\n"
+    probes.which = lambda name, path=None: f"{BIN}/{name}"
+    p = plan(dict(SLURM), probes, Options(dry_run=True, stop_before=60))
+    assert p.stop_in == 840
+    assert plan(dict(SLURM), probes).stop_in is None        # 0 by default: #SBATCH --signal
+
+
+def test_local():
+    p = plan({}, FakeProbes())
+    assert p.argv == [f"{BIN}/mpiexec", "-n", "2", TRAIN, "--config", CONFIG, "--output-dir", "runs/x"]
+    assert p.description.startswith("scheduler=local nodes=1 ranks_per_node=2 ranks=2")
+    assert p.env.set == {}
+    assert plan({"NP": "3"}, FakeProbes()).argv[1:3] == ["-n", "3"]
+    assert plan({"NP": "3"}, FakeProbes(), Options(dry_run=True, np=4)).argv[1:3] == ["-n", "4"]
+    with pytest.raises(UsageError, match="NP must be a whole number > 0, got 'x'"):
+        plan({"NP": "x"}, FakeProbes())
+    # --local inside a job: this machine only.
+    p = plan({"SLURM_JOB_ID": "1", "NP": "3"}, FakeProbes(), Options(dry_run=True, local=True))
+    assert "scheduler=local" in p.description and p.argv[1:3] == ["-n", "3"]
+
+
+def test_any_program():
+    p = plan({}, FakeProbes(), program=["prelora-bench", "--preset", "vit-large"])
+    assert p.argv == [f"{BIN}/mpiexec", "-n", "2", f"{BIN}/prelora-bench", "--preset", "vit-large"]
+
+
+def test_prefers_the_mpiexec_beside_the_program(tmp_path):
+    for name in ("prelora-train", "mpiexec"):
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    probes = FakeProbes()
+    probes.which = lambda name, path=None: str(tmp_path / name) if name == "prelora-train" \
+        else f"{BIN}/{name}"
+    assert plan({}, probes).argv[0] == str(tmp_path / "mpiexec")
+    p = plan({"PRELORA_MPIEXEC": "/opt/site/bin/mpiexec"}, probes)
+    assert p.argv[0] == "/opt/site/bin/mpiexec"
+    # No mpiexec beside it: the first on PATH.
+    (tmp_path / "mpiexec").unlink()
+    assert plan({}, probes).argv[0] == f"{BIN}/mpiexec"
+
+
+# --------------------------------------------------------------------------- #
+# Options and usage errors
+
+
+def test_parse_args():
+    opts, program = launcher.parse_args(["--np=4", "--ppn", "2", "--dry-run", "--", "prelora-bench",
+                                         "--np", "9"])
+    assert (opts.np, opts.ppn, opts.dry_run) == (4, 2, True)
+    assert program == ["prelora-bench", "--np", "9"]
+    # A config in the program's place means prelora-train, with or without "--".
+    for argv in (["--", "c.yaml", "x=1"], ["c.yaml", "x=1"]):
+        assert launcher.parse_args(argv)[1] == ["prelora-train", "--config", "c.yaml", "x=1"]
+    assert launcher.parse_args(["--stop-before", "0", "--no-nccl-env", "true"])[0].nccl_env is False
+    assert launcher.config_of(["/x/prelora", "train", "--config=a.yaml"]) == "a.yaml"
+    assert launcher.config_of(["prelora-bench", "--config", "a.yaml"]) is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus", "--", "c.yaml"], "unknown option --bogus (see --help)"),
+    (["--launcher", "aprun", "--", "c.yaml"], "--launcher must be mpiexec or srun, got 'aprun'"),
+    (["--ppn", "0", "--", "c.yaml"], "--ppn must be > 0"),
+    (["--np", "two", "--", "c.yaml"], "--np must be a whole number, got 'two'"),
+    (["--depth"], "--depth needs a value"),
+    (["--"], "missing PROGRAM"),
+])
+def test_usage_errors_in_the_options(args, message):
+    with pytest.raises(UsageError) as e:
+        launcher.parse_args(args)
+    assert str(e.value).startswith(message)
+
+
+def test_usage_errors_of_the_launch(tmp_path):
+    probes = FakeProbes()
+    with pytest.raises(UsageError, match="--launcher srun needs a Slurm job"):
+        plan({}, probes, Options(launcher="srun"))
+    with pytest.raises(UsageError, match="--launcher srun needs a Slurm job"):
+        plan({"PBS_NODEFILE": nodefile(tmp_path)}, probes, Options(launcher="srun"))
+    # A missing config or program: only a dry run tolerates it, with a warning.
+    missing = ["prelora-train", "--config", "configs/does_not_exist.yaml"]
+    with pytest.raises(UsageError, match="config configs/does_not_exist.yaml does not exist"):
+        plan({}, probes, Options(), program=missing)
+    assert "config configs/does_not_exist.yaml does not exist here" in \
+        plan({}, probes, program=missing).warnings
+    with pytest.raises(UsageError, match="prelora-nothing is not on PATH: activate"):
+        plan({}, probes, Options(), program=["prelora-nothing"])
+    with pytest.raises(UsageError, match="PBS_NODEFILE=/no/such/file is not readable"):
+        plan({"PBS_NODEFILE": "/no/such/file"}, probes)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(UsageError, match="lists no hosts"):
+        plan({"PBS_NODEFILE": str(tmp_path / "empty")}, probes)
+
+
+def test_main_usage_error_is_one_line_and_exit_2(capsys):
+    assert launcher.main(["--ppn", "x", "--", "true"]) == 2
+    err = capsys.readouterr().err
+    assert err == "prelora-launch: --ppn must be a whole number, got 'x'\n"
+
+
+def test_main_help(capsys):
+    assert launcher.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--dry-run", "--print", "--layout", "--no-nccl-env", "--stop-before", "--local"):
+        assert option in out
+
+
+@pytest.fixture
+def workstation(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith(("PBS_", "SLURM_", "PRELORA_")) or k == "NP":
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("PRELORA_MPIEXEC", "/opt/mpi/bin/mpiexec")
+
+
+def test_main_prints_the_line(workstation, capsys):
+    true = launcher.find_program("true", dict(os.environ), launcher.Probes())
+    assert launcher.main(["--print", "--np", "3", "--", "true", "a b"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [shlex.join(["/opt/mpi/bin/mpiexec", "-n", "3", true, "a b"])]
+    assert launcher.main(["--dry-run", "--", "true"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("# scheduler=local nodes=1 ranks_per_node=2 ranks=2 ")
+    assert shlex.split(out[-1]) == ["/opt/mpi/bin/mpiexec", "-n", "2", true]
+    assert launcher.main(["--layout", "--np", "4"]) == 0
+    assert capsys.readouterr().out.startswith("scheduler=local nodes=1 ranks_per_node=4 ranks=4 ")
+
+
+def test_main_dry_run_lists_the_ranks_environment(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PBS_NODEFILE", nodefile(tmp_path))
+    monkeypatch.setenv("PRELORA_MPI_FLAVOUR", "pals")
+    monkeypatch.setenv("PRELORA_HSN_SUFFIX", "")
+    monkeypatch.setenv("PRELORA_TMPDIR", "/scratch dir")
+    monkeypatch.delenv("PRELORA_MASTER_ADDR", raising=False)
+    assert launcher.main(["--dry-run", "--", "true"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    env_line = next(line for line in out if line.startswith("# env: "))
+    assert shlex.split(env_line[len("# env: "):]) == [f"PRELORA_MASTER_ADDR={HOSTS[0]}",
+                                                      "TMPDIR=/scratch dir"]
+
+
+# --------------------------------------------------------------------------- #
+# Running the line: exit status and the stop timer
+
+
+def _plan(argv, stop_in, stop_before=1):
+    return launcher.Plan(argv, launcher.LaunchEnv(), "", [], stop_in, stop_before)
+
+
+@pytest.mark.parametrize("code", [0, 3, 85])
+def test_run_passes_the_exit_status_through(code):
+    p = _plan([sys.executable, "-c", f"raise SystemExit({code})"], stop_in=60)
+    assert launcher.run(p, dict(os.environ)) == code
+
+
+def test_run_stops_the_program_before_the_walltime(capfd):
+    """The stop timer sends SIGTERM; the program's 85 (checkpointed) comes out."""
+    prog = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: sys.exit(85))\n"
+            "time.sleep(30)\nsys.exit(1)\n")
+    t0 = time.monotonic()
+    assert launcher.run(_plan([sys.executable, "-c", prog], stop_in=1, stop_before=4),
+                        dict(os.environ)) == 85
+    assert time.monotonic() - t0 < 20
+    assert "walltime ends in 4s: asking the trainer to checkpoint and stop" in capfd.readouterr().err
+
+
+def test_exit_status_of_a_signalled_program():
+    assert launcher.run(_plan([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"],
+                              stop_in=60), dict(os.environ)) == 128 + signal.SIGKILL
