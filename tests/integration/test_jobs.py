@@ -1,7 +1,9 @@
-"""Job templates and launch scripts: the launch lines they build under faked
-PBS and Slurm environments, per-rank GPU affinity, the resubmission decision,
-signal handling of both templates end to end (with fake schedulers and a fake
-trainer), and one real 2-rank training run through scripts/launch.sh.
+"""Job templates and launch scripts: scripts/launch.sh reaching prelora-launch
+under faked PBS and Slurm environments (the launch decisions case by case are
+tests/unit/test_launcher.py), exit statuses and the walltime stop through it,
+per-rank GPU affinity, the resubmission decision, signal handling of both
+templates end to end (with fake schedulers and a fake trainer), and one real
+2-rank training run through scripts/launch.sh.
 
 No scheduler is needed: qsub, qstat, sbatch, scancel, scontrol, srun, mpiexec
 and nvidia-smi are small fakes on PATH that record how they were called.
@@ -227,7 +229,9 @@ def test_reference_config_loads():
 
 
 # --------------------------------------------------------------------------- #
-# scripts/launch.sh --dry-run
+# scripts/launch.sh --dry-run: the wrapper reaches prelora-launch, whose
+# decisions tests/unit/test_launcher.py checks case by case; here they run
+# against real (fake) commands: nvidia-smi, mpiexec --version, getent, scontrol.
 
 
 def polaris(fakes, gpus=4):
@@ -236,6 +240,12 @@ def polaris(fakes, gpus=4):
     fakes.trainer()
     fakes.mpiexec("pals")
     fakes.resolvable(*HOSTS, "x3006c0s13b0n0.hsn.example")
+
+
+def env_line(comments: str) -> dict:
+    """The variables a dry run lists in its "# env:" line."""
+    line = next(c for c in comments.splitlines() if c.startswith("# env: "))
+    return dict(w.split("=", 1) for w in shlex.split(line[len("# env: "):]))
 
 
 def test_launch_pbs(fakes):
@@ -253,145 +263,24 @@ def test_launch_pbs(fakes):
     assert "nodes=2" in comments and "ranks_per_node=4" in comments and "ranks=8" in comments
     assert "mpi=pals" in comments and "binding=depth:16" in comments
     assert "master_addr=x3006c0s13b0n0.hsn.cm.polaris.alcf.anl.gov" in comments
-    assert "NCCL_NET=AWS\\ Libfabric" in comments and "NCCL_NET_GDR_LEVEL=PHB" in comments
-    assert "FI_CXI_DEFAULT_CQ_SIZE=131072" in comments
-    assert "TMPDIR=/tmp" in comments
+    exported = env_line(comments)
+    assert exported["NCCL_NET"] == "AWS Libfabric" and exported["NCCL_NET_GDR_LEVEL"] == "PHB"
+    assert exported["FI_CXI_DEFAULT_CQ_SIZE"] == "131072" and exported["TMPDIR"] == "/tmp"
     assert "warning: --depth" not in comments
 
 
-def test_launch_pbs_options(fakes):
-    polaris(fakes)
-    nodefile = fakes.nodefile()
-    env = fakes.env(PBS_NODEFILE=nodefile)
-    comments, argv = dry_run(fakes, env, "--no-nccl-env", "--ppn", "2", "--depth", "16")
-    assert follows(argv, "-n", "4") and follows(argv, "--ppn", "2") and "--depth=16" in argv
-    assert "NCCL_" not in comments and "FI_MR_CACHE_MONITOR=userfaultfd" in comments
-    assert "aws-ofi-nccl" not in comments        # nothing asks for the plugin
-    # A value already in the environment (a conda module's) is kept.
-    env["NCCL_NET_GDR_LEVEL"] = "SYS"
-    comments, _ = dry_run(fakes, env)
-    assert "NCCL_NET_GDR_LEVEL=SYS" in comments
-    # Another network name suffix, or none.
-    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, PRELORA_HSN_SUFFIX=".hsn.example"))
-    assert "master_addr=x3006c0s13b0n0.hsn.example" in comments
-    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, PRELORA_HSN_SUFFIX=""))
-    assert f"master_addr={HOSTS[0]} " in comments
-    # Another site's TMPDIR.
-    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, PRELORA_TMPDIR="/local/scratch"))
-    assert "TMPDIR=/local/scratch" in comments
-
-
-def test_launch_pbs_without_gpus(fakes):
-    polaris(fakes, gpus=0)
-    comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=fakes.nodefile(slots=1)))
-    assert follows(argv, "-n", "8") and follows(argv, "--ppn", "4")   # the default
-    assert "NCCL_" not in comments and "FI_" not in comments
-
-
-def test_launch_pbs_rendezvous_name_only_where_it_resolves(fakes):
-    """The Polaris high-speed-network suffix is added only where the name
-    resolves; another PBS site's node keeps its own name."""
-    fakes.gpus(0)
-    fakes.trainer()
-    fakes.mpiexec("pals")
-    fakes.resolvable("emu0", "emu1")
-    nodefile = fakes.nodefile(hosts=["emu0", "emu1"], slots=2)
-    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile))
-    assert "master_addr=emu0 " in comments and "PRELORA_MASTER_ADDR=emu0" in comments
-    assert "warning: emu0.hsn.cm.polaris.alcf.anl.gov does not resolve here" in comments
-    # A name the user gives is taken as it is.
-    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, PRELORA_MASTER_ADDR="10.1.2.3"))
-    assert "master_addr=10.1.2.3 " in comments and "does not resolve" not in comments
-
-
-def test_launch_pbs_mpich_hydra(fakes):
-    """PBS with MPICH's mpiexec (Hydra): its own options, each host once, and
-    the remote shell wrapped so a lost node is named."""
+def test_launch_pbs_hydra_and_depth_warning(fakes):
+    """mpiexec --version names Hydra; the config's workers are read for the warning."""
     fakes.gpus(0)
     fakes.trainer()
     fakes.mpiexec("hydra")
     fakes.resolvable("emu0", "emu1")
     nodefile = fakes.nodefile(hosts=["emu0", "emu1"], slots=2)
-    comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile), "--ppn", "2")
-    assert follows(argv, "-n", "4") and follows(argv, "-ppn", "2")
-    assert follows(argv, "-hosts", "emu0,emu1") and "-envall" in argv
-    # No PALS options, which Hydra refuses ("unable to parse user arguments").
-    assert not any(a.startswith(("--depth", "--cpu-bind", "--ppn", "--hostfile")) for a in argv)
-    assert "-bind-to" not in argv
-    assert "mpi=hydra" in comments and "binding=none" in comments
-    assert f"HYDRA_LAUNCHER_EXEC={ROOT / 'scripts' / 'node_watch.sh'}" in comments
-    assert "PRELORA_REMOTE_SHELL=ssh" in comments and "PRELORA_JOB_PPN=2" in comments
-    assert argv[argv.index(str(AFFINITY)) + 1] == str(fakes.bin / "prelora-train")
-    # A binding when asked; a site's own remote shell is kept behind the watch.
-    comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, HYDRA_LAUNCHER_EXEC="/opt/rsh"),
-                             "--ppn", "2", "--depth", "4")
-    assert follows(argv, "-bind-to", "core:4") and "PRELORA_REMOTE_SHELL=/opt/rsh" in comments
-    # One host: nothing to watch.
-    comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=fakes.nodefile(hosts=["emu0"], slots=2)))
-    assert follows(argv, "-hosts", "emu0") and "node_watch" not in comments
-
-
-def test_launch_pbs_open_mpi(fakes):
-    fakes.gpus(0)
-    fakes.trainer()
-    fakes.mpiexec("openmpi")
-    nodefile = fakes.nodefile(hosts=["n0", "n1"], slots=2)
     comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile), "--ppn", "2", "--depth", "8")
-    assert follows(argv, "-n", "4") and follows(argv, "--map-by", "ppr:2:node:PE=8")
-    assert follows(argv, "--bind-to", "core") and follows(argv, "--hostfile", str(nodefile))
-    # Open MPI forwards only the variables it is told to.
-    assert follows(argv, "-x", "PATH") and follows(argv, "-x", "PRELORA_MASTER_ADDR")
-    assert follows(argv, "-x", "TMPDIR") and "mpi=openmpi" in comments
-
-
-def test_launch_pbs_unknown_mpi_falls_back_to_pals_and_says_so(fakes):
-    fakes.gpus(0)
-    fakes.trainer()
-    fakes.mpiexec("unknown")
-    comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=fakes.nodefile()))
-    assert "--cpu-bind" in argv and "mpi=pals" in comments
-    assert "names none of Cray PALS, MPICH Hydra, Open MPI" in comments
-    comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=fakes.nodefile(), PRELORA_MPI_FLAVOUR="hydra"))
-    assert "-ppn" in argv and "mpi=hydra" in comments
-    r = run([LAUNCH, "--dry-run", "--", CONFIG], fakes.env(PBS_NODEFILE=fakes.nodefile(),
-                                                          PRELORA_MPI_FLAVOUR="mvapich"))
-    assert r.returncode == 2 and "PRELORA_MPI_FLAVOUR must be pals, hydra or openmpi" in r.stderr
-
-
-def test_launch_pbs_warns_when_depth_does_not_exceed_workers(fakes):
-    polaris(fakes, gpus=0)
-    env = fakes.env(PBS_NODEFILE=fakes.nodefile())
-    # The reference config has 8 workers per rank.
-    comments, _ = dry_run(fakes, env, "--depth", "8")
+    assert follows(argv, "-hosts", "emu0,emu1") and follows(argv, "-bind-to", "core:8")
+    assert "mpi=hydra" in comments and "master_addr=emu0 " in comments
     assert "warning: --depth 8 is not above data.num_workers=8" in comments
-    comments, _ = dry_run(fakes, env, "--depth", "8",
-                          train_args=("--output-dir", "runs/x", "data.num_workers=4"))
-    assert "warning: --depth" not in comments
-    comments, _ = dry_run(fakes, env, "--depth", "9")
-    assert "warning: --depth" not in comments
-
-
-def test_launch_pbs_aws_ofi_nccl_plugin(fakes, tmp_path):
-    """NCCL_NET="AWS Libfabric" needs the aws-ofi-nccl plugin on
-    LD_LIBRARY_PATH: found, it is put there; missing, the launch says so."""
-    polaris(fakes)
-    nodefile = fakes.nodefile()
-    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, LD_LIBRARY_PATH="/usr/lib"))
-    assert "ofi_nccl=missing" in comments
-    assert "warning: NCCL_NET=\"AWS Libfabric\" but no aws-ofi-nccl plugin" in comments
-    plugin = tmp_path / "aws-ofi-nccl" / "lib"
-    plugin.mkdir(parents=True)
-    (plugin / "libnccl-net.so").write_text("")
-    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, PRELORA_OFI_NCCL_DIR=plugin,
-                                           LD_LIBRARY_PATH="/usr/lib"))
-    assert f"ofi_nccl={plugin}" in comments and "warning: NCCL" not in comments
-    assert f"LD_LIBRARY_PATH={plugin}:/usr/lib" in comments
-    # Already on LD_LIBRARY_PATH (a module loaded it): found, nothing added.
-    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, LD_LIBRARY_PATH=f"/usr/lib:{plugin}"))
-    assert f"ofi_nccl={plugin}" in comments and "LD_LIBRARY_PATH=" not in comments
-    # --no-nccl-env: no NCCL_NET, no plugin needed.
-    comments, _ = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile), "--no-nccl-env")
-    assert "ofi_nccl" not in comments
+    assert env_line(comments)["HYDRA_LAUNCHER_EXEC"] == str(NODE_WATCH)
 
 
 def test_launch_pbs_stop_timer_from_qstat(fakes):
@@ -421,61 +310,53 @@ def test_launch_slurm(fakes):
     comments, argv = dry_run(fakes, env)
     assert Path(argv[0]).name == "srun" and "--mpi=pmi2" in argv
     assert follows(argv, "-n", "8") and follows(argv, "--ntasks-per-node", "4")
-    assert "--cpu-bind=cores" in argv and follows(argv, "-c", "32")
-    assert "--gpus-per-task=1" in argv and "--gpu-bind=none" in argv
-    assert str(AFFINITY) not in argv
+    assert follows(argv, "-c", "32") and "--gpus-per-task=1" in argv
     i = argv.index(str(fakes.bin / "prelora-train"))
     assert argv[i + 1:] == ["--config", CONFIG, "--output-dir", "runs/x"]
     assert "master_addr=nid001000" in comments and "nodes=2" in comments
 
-    # Through mpiexec instead of srun.
-    comments, argv = dry_run(fakes, env, "--launcher", "mpiexec")
-    assert Path(argv[0]).name == "mpiexec"
-    assert follows(argv, "-n", "8") and follows(argv, "--ppn", "4")
 
-    # A CPU partition: no GPU options; the site's own srun MPI plugin.
-    fakes.gpus(0)
-    env.update(SLURM_NTASKS_PER_NODE="2", SLURM_JOB_NUM_NODES="1", PRELORA_SRUN_MPI="")
-    comments, argv = dry_run(fakes, env)
-    assert follows(argv, "-n", "2") and not any(a.startswith(("--gpu", "--mpi")) for a in argv)
-
-
-def test_launch_local(fakes):
+def test_launch_local_any_program(fakes):
     fakes.gpus(0)
     fakes.trainer()
     _, argv = dry_run(fakes, fakes.env())
     assert Path(argv[0]).name == "mpiexec" and argv[1:3] == ["-n", "2"]
     assert argv[3:] == [str(fakes.bin / "prelora-train"), "--config", CONFIG, "--output-dir", "runs/x"]
-    _, argv = dry_run(fakes, fakes.env(NP=3))
-    assert argv[1:3] == ["-n", "3"]
     _, argv = dry_run(fakes, fakes.env(NP=3), "--np", "4")
     assert argv[1:3] == ["-n", "4"]
+    # Another program than the trainer, after "--".
+    bench = fakes.add("prelora-bench", "exit 0")
+    r = run([LAUNCH, "--print", "--", "prelora-bench", "--preset", "toy"], fakes.env())
+    assert r.returncode == 0, r.stderr
+    argv = shlex.split(r.stdout)
+    assert argv[1:] == ["-n", "2", str(bench), "--preset", "toy"]
 
 
-def test_launch_prefers_the_mpiexec_beside_the_trainer(fakes):
-    fakes.gpus(0)
+def test_launch_without_prelora_launch_on_path(fakes):
+    """Outside the venv the wrapper runs the package from this checkout."""
+    python3 = shutil.which("python3", path="/usr/bin:/bin")
+    if python3 is None:
+        pytest.skip("no python3 in /usr/bin or /bin")
     fakes.trainer()
-    fakes.add("mpiexec", "exit 0")
-    _, argv = dry_run(fakes, fakes.env())
-    assert argv[0] == str(fakes.bin / "mpiexec")
-    _, argv = dry_run(fakes, fakes.env(PRELORA_MPIEXEC="/opt/site/bin/mpiexec"))
-    assert argv[0] == "/opt/site/bin/mpiexec"
+    env = fakes.env()
+    env["PATH"] = f"{fakes.bin}{os.pathsep}/usr/bin{os.pathsep}/bin"
+    comments, argv = dry_run(fakes, env)
+    assert "scheduler=local" in comments and argv[-4:] == ["--config", CONFIG, "--output-dir", "runs/x"]
 
 
-@pytest.mark.parametrize("args", [
-    ["--bogus", "--", CONFIG],
-    ["--launcher", "srun", "--", CONFIG],            # not in a Slurm job
-    ["--launcher", "aprun", "--", CONFIG],
-    ["--ppn", "0", "--", CONFIG],
-    ["--np", "two", "--", CONFIG],
-    ["--"],                                           # no config
-    ["--", "configs/does_not_exist.yaml"],            # only a dry run tolerates that
+@pytest.mark.parametrize("args, option", [
+    (["--bogus", "--", CONFIG], "--bogus"),
+    (["--launcher", "srun", "--", CONFIG], "--launcher srun"),     # not in a Slurm job
+    (["--ppn", "0", "--", CONFIG], "--ppn"),
+    (["--"], "PROGRAM"),                                           # nothing to run
+    (["--", "configs/does_not_exist.yaml"], "configs/does_not_exist.yaml"),   # only a dry run tolerates that
 ])
-def test_launch_usage_errors(fakes, args):
+def test_launch_usage_errors(fakes, args, option):
     fakes.trainer()
     r = run([LAUNCH, *args], fakes.env())
     assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "launch.sh:" in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prelora-launch: ") and option in lines[0]
 
 
 def test_launch_help():
@@ -487,7 +368,7 @@ def test_launch_help():
 # scripts/launch.sh for real, with a fake launcher and trainer.
 
 
-@pytest.mark.parametrize("code", [0, 3, 85])
+@pytest.mark.parametrize("code", [0, 3, 85, 130])
 def test_launch_propagates_exit_code(fakes, code):
     fakes.gpus(0)
     fakes.trainer()
