@@ -1,4 +1,4 @@
-"""When the trainer saves, and under which name.
+"""When the trainer saves, under which name, and where it resumes from.
 
 ``checkpoint.py`` knows how to write and verify one checkpoint; this module
 holds the policy: every ``checkpoint.every_steps`` optimizer steps, at each
@@ -26,6 +26,10 @@ class Checkpointable(Protocol):
 
     def rank_state_dict(self) -> dict: ...
 
+    def load_state_dict(self, d: dict) -> None: ...
+
+    def load_rank_state_dict(self, d: Optional[dict]) -> None: ...
+
 
 def step_tag(step: int, stage: Optional[int] = None) -> str:
     """``step00001234`` or, for the first checkpoint of a stage, ``step00001234-stage3``."""
@@ -43,6 +47,28 @@ class CheckpointManager:
         self.rank = rank
         self.say = say
         self.every_steps = cfg.checkpoint.every_steps
+
+    def resume_point(self, explicit: Optional[str], world_size: int,
+                     warn: Callable[[str], None]) -> Optional[ckpt.ResumePoint]:
+        """Collective: the verified checkpoint to resume from (``explicit``, or
+        the run directory's latest as ``checkpoint.resume`` says), the same on
+        every rank; None starts the run afresh. Checkpoints set aside as
+        damaged, and a world-size change, are said through ``warn``."""
+        point = ckpt.find_resume(self.cfg, explicit, rank=self.rank, world_size=world_size)
+        if point is None:
+            return None
+        for note in point.notes if self.rank == 0 else []:
+            warn(note)
+        note = ckpt.check_world_size(point, self.cfg.deepspeed.zero_stage, world_size)
+        if note:
+            warn(note)
+        return point
+
+    def restore(self, engine, owner: Checkpointable, point: ckpt.ResumePoint) -> None:
+        """Collective: load ``point`` into ``engine`` (weights, optimizer) and
+        ``owner`` (its progress, and this rank's own state)."""
+        owner.load_state_dict(ckpt.load(engine, point, self.rank))
+        owner.load_rank_state_dict(ckpt.load_rank_state(point, self.rank))
 
     def save(self, engine, owner: Checkpointable, stage: int, step: int,
              tag: Optional[str] = None) -> Path:

@@ -9,6 +9,7 @@ row. Rank 0 writes; the other ranks print warnings only.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,6 +33,7 @@ class RunLog:
         self.out = Path(out)
         self.log = Log(rank, cfg.logging.progress)
         self.metrics = MetricsWriter(self.out, self.is_main, cfg.logging.tensorboard)
+        self._since, self._samples = time.perf_counter(), 0
 
     @property
     def bar_mode(self) -> bool:
@@ -72,18 +74,26 @@ class RunLog:
         if loss is not None:
             self.log.progress(step, total, f"stage {stage} epoch {epoch}", loss=f"{loss:.4f}")
 
+    def count_samples(self, n: int) -> None:
+        """``n`` more images trained (over all ranks), for the images/s figure."""
+        self._samples += n
+
     def step(self, *, step: int, total: int, stage: int, epoch: int, loss: Optional[float],
-             lr: float, images_per_s: float, eta_s: float, trainable: int,
-             peak_memory_bytes: int) -> None:
-        """Every ``logging.interval_steps`` optimizer steps (rank 0 calls it)."""
+             lr: float, global_batch: int, trainable: int, peak_memory_bytes: int) -> None:
+        """Every ``logging.interval_steps`` optimizer steps (rank 0 calls it):
+        images/s since the last call, and the time left at that rate."""
+        now = time.perf_counter()
+        ips = self._samples / max(now - self._since, 1e-9)
+        self._since, self._samples = now, 0
+        eta_s = (total - step) * global_batch / max(ips, 1e-9)
         if not self.bar_mode:
             self.info(f"[{stage_name(stage)}] epoch {epoch} step {step}/{total} loss "
                       f"{loss if loss is not None else float('nan'):.4f} lr {lr:.2e} "
-                      f"{images_per_s:.1f} img/s ETA {eta_s / 60:.1f} min")
+                      f"{ips:.1f} img/s ETA {eta_s / 60:.1f} min")
         self.metrics.record(StepRecord(step=step, epoch=epoch, stage=stage, loss=loss, lr=lr,
-                                       images_per_s=images_per_s))
+                                       images_per_s=ips))
         self.metrics.scalars(step, {
-            "train/loss": loss, "train/lr": lr, "train/images_per_s": images_per_s,
+            "train/loss": loss, "train/lr": lr, "train/images_per_s": ips,
             "train/stage": stage, "train/trainable_params": trainable,
             "train/peak_memory_bytes": peak_memory_bytes})
 

@@ -19,14 +19,13 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
 
-from . import checkpoint as ckpt
 from .checkpoint_policy import CheckpointManager
 from .config import Config, dump_config
 from .convergence import NormTracker, UpdateTracker
@@ -137,6 +136,52 @@ class LossMeter:
             self.count = 0
 
 
+@dataclass
+class DataPlan:
+    """The run's loaders and its length in optimizer steps."""
+
+    loaders: Any
+    steps_per_epoch: int
+    total_steps: int
+    window_steps: int
+
+
+def plan_data(cfg: Config, dist: DistInfo) -> DataPlan:
+    """Collective: rank 0 prepares the data (converts or downloads), every
+    rank builds its sharded loaders; the epoch, run and window lengths follow."""
+    if dist.is_main:
+        prepare_data(cfg.data)
+    tdist.barrier()
+    ds = cfg.deepspeed
+    loaders = build_dataloaders(cfg.data, cfg.model, ds.micro_batch_size, dist.rank,
+                                dist.world_size, cfg.run.seed)
+    loaders.train_sampler.set_epoch(0)
+    samples = len(loaders.train_sampler)
+    steps_per_epoch = samples // (ds.micro_batch_size * ds.grad_accum_steps)
+    if steps_per_epoch == 0:
+        raise ValueError(f"an epoch has {samples} samples per rank, fewer than one optimizer "
+                         f"step needs (micro_batch_size x grad_accum_steps)")
+    total = steps_per_epoch * cfg.run.epochs
+    if cfg.run.max_steps is not None:
+        total = min(total, cfg.run.max_steps)
+    ws = cfg.prelora.window_steps
+    return DataPlan(loaders, steps_per_epoch, total, steps_per_epoch if ws == "epoch" else ws)
+
+
+def build_switch(cfg: Config, model: nn.Module, dist: DistInfo
+                 ) -> tuple[NormTracker, SwitchPolicy, Optional[UpdateTracker]]:
+    """What the switch reads and decides with: the norm tracker of the
+    configured modules, the policy, and (unless ZeRO-3 partitions whole
+    weights over ranks) the update statistics this rank measures."""
+    tracker = NormTracker(model, cfg.lora.target_modules, cfg.prelora.k)
+    params = SwitchParams.from_config(cfg)
+    policy = SwitchPolicy(params, tracker.module_names, tracker.num_layers)
+    track = params.needs_updates or (cfg.prelora.track_updates and cfg.deepspeed.zero_stage < 3)
+    updates = (UpdateTracker(tracker, dist.rank, dist.world_size, params.energy, params.r_min,
+                             params.r_max) if track else None)
+    return tracker, policy, updates
+
+
 class Trainer:
     """Trains one run as its config says. Every rank constructs one.
 
@@ -160,33 +205,22 @@ class Trainer:
         # The same seed on every rank: identical initial weights; the data
         # order is sharded by the sampler, augmentation seeded per rank.
         seed_all(cfg.run.seed)
-        self._build_data()
+        plan = plan_data(cfg, dist)
+        self.loaders, self.steps_per_epoch = plan.loaders, plan.steps_per_epoch
+        self.total_steps, self.window_steps = plan.total_steps, plan.window_steps
         self.model = build_model(cfg.model)
         # Identical weights came from the shared seed; from here on each rank
         # draws its own augmentation and dropout randomness.
         seed_all(cfg.run.seed + 7919 * dist.rank)
         self.params_total = count_parameters(self.model)
-        self.tracker = NormTracker(self.model, cfg.lora.target_modules, cfg.prelora.k)
-        params = SwitchParams.from_config(cfg)
-        self.policy = SwitchPolicy(params, self.tracker.module_names, self.tracker.num_layers)
-        # ZeRO-3 partitions whole weights over ranks: no update statistics.
-        track = params.needs_updates or (cfg.prelora.track_updates
-                                         and cfg.deepspeed.zero_stage < 3)
-        self.updates = (UpdateTracker(self.tracker, dist.rank, dist.world_size, params.energy,
-                                      params.r_min, params.r_max) if track else None)
+        self.tracker, self.policy, self.updates = build_switch(cfg, self.model, dist)
         self.p = Progress()
         self.rank_map: dict[str, int] = {}
         self.losses = LossMeter(self.device)
-        self._t_last, self._samples_since, self._last_eval_step = time.perf_counter(), 0, -1
+        self._last_eval_step = -1
 
-        # Collective: verified before anything is loaded, the same on every rank.
-        point = ckpt.find_resume(cfg, resume, rank=dist.rank, world_size=dist.world_size)
+        point = self.checkpoints.resume_point(resume, dist.world_size, self.log.warn)
         if point is not None:
-            for note in point.notes if dist.is_main else []:
-                self.log.warn(note)
-            note = ckpt.check_world_size(point, cfg.deepspeed.zero_stage, dist.world_size)
-            if note:
-                self.log.warn(note)
             self.p.stage, self.rank_map = point.stage, point.rank_map
         elif cfg.run.mode == "lora":
             self.rank_map = {name: cfg.lora.rank for name in self.tracker.layer_names()}
@@ -196,8 +230,7 @@ class Trainer:
         shape_for_stage(self.model, self.p.stage, self.rank_map, cfg).to(self.device)
         self._set_engine(build_engine(self.model, cfg, dist))
         if point is not None:
-            self.load_state_dict(ckpt.load(self.engine, point, dist.rank))
-            self.load_rank_state_dict(ckpt.load_rank_state(point, dist.rank))
+            self.checkpoints.restore(self.engine, self, point)
             self.log.resumed(point.path, self.p.stage, self.p.global_step, self.p.epoch)
         self.log.start(world_size=dist.world_size, device=self.device, backend=dist.backend,
                        precision=self.precision, global_batch=self.global_batch,
@@ -206,26 +239,6 @@ class Trainer:
                        trainable=self.trainable_count(), stage=self.p.stage,
                        resumed_from=str(point.path) if point else None,
                        resumed_step=self.p.global_step)
-
-    def _build_data(self) -> None:
-        cfg, dist = self.cfg, self.dist
-        if dist.is_main:
-            prepare_data(cfg.data)
-        tdist.barrier()
-        self.loaders = build_dataloaders(cfg.data, cfg.model, cfg.deepspeed.micro_batch_size,
-                                         dist.rank, dist.world_size, cfg.run.seed)
-        self.loaders.train_sampler.set_epoch(0)
-        self.steps_per_epoch = len(self.loaders.train_sampler) // (
-            cfg.deepspeed.micro_batch_size * cfg.deepspeed.grad_accum_steps)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"an epoch has {len(self.loaders.train_sampler)} samples per rank, fewer than one "
-                f"optimizer step needs (micro_batch_size x grad_accum_steps)")
-        self.total_steps = self.steps_per_epoch * cfg.run.epochs
-        if cfg.run.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.run.max_steps)
-        ws = cfg.prelora.window_steps
-        self.window_steps = self.steps_per_epoch if ws == "epoch" else ws
 
     def _set_engine(self, engine) -> None:
         self.engine = engine
@@ -365,7 +378,7 @@ class Trainer:
                 res = self.train_step(x, y)
                 micro += 1
                 self.p.samples_in_epoch += len(y)
-                self._samples_since += len(y) * self.dist.world_size
+                self.log.count_samples(len(y) * self.dist.world_size)
                 if res.loss is not None:
                     self.losses.add(res.loss)
                 if micro % accum:
@@ -394,13 +407,9 @@ class Trainer:
             self.log.progress(p.global_step, self.total_steps, p.stage, p.epoch,
                               None if loss is None else float(loss))
         if p.global_step % cfg.logging.interval_steps == 0 and self.dist.is_main:
-            now = time.perf_counter()
-            ips = self._samples_since / max(now - self._t_last, 1e-9)
-            self._t_last, self._samples_since = now, 0
             self.log.step(step=p.global_step, total=self.total_steps, stage=p.stage,
                           epoch=p.epoch, loss=None if loss is None else float(loss),
-                          lr=current_lr(self.engine), images_per_s=ips,
-                          eta_s=(self.total_steps - p.global_step) * self.global_batch / max(ips, 1e-9),
+                          lr=current_lr(self.engine), global_batch=self.global_batch,
                           trainable=self.trainable_count(),
                           peak_memory_bytes=peak_memory_bytes(self.device))
         if cfg.prelora.window_steps != "epoch" and p.window_steps_done >= self.window_steps:
