@@ -8,13 +8,15 @@
 #   scripts/scaling.sh --submit pbs|slurm [options] [-- prelora-bench args...]
 #   scripts/scaling.sh --in-job [options] [-- prelora-bench args...]
 #
-#   --local               run here, one `mpiexec -n N prelora-bench ...` per
-#                         rank count N = 1, 2, 4, ... up to --max-ranks
+#   --local               run here, one `prelora-launch --local --np N --
+#                         prelora-bench ...` per rank count N = 1, 2, 4, ...
+#                         up to --max-ranks
 #   --submit pbs|slurm    write one job per node count (--nodes) into
 #                         OUT/jobs/ and submit it with qsub or sbatch; each
 #                         job calls this script with --in-job
 #   --in-job              inside a PBS or Slurm allocation: every rank of it
-#                         (nodes x --ppn), launched as scripts/launch.sh would
+#                         (nodes x --ppn), launched by scripts/launch.sh
+#                         (prelora-launch) as the job templates launch
 #
 # Options:
 #   --preset P            prelora-bench preset (default: cpu-small with
@@ -26,8 +28,8 @@
 #   --depth D             PBS: CPUs per rank for mpiexec --depth (default 8);
 #                         Slurm: srun -c (default: the job's)
 #   --per-gpu-batch B     weak scaling: images per rank per step (default:
-#                         the preset's micro batch: toy 4, cpu-small 8,
-#                         vit-large 16)
+#                         the preset's micro batch, read from its YAML,
+#                         prelora_hpc/bench/presets/NAME.yaml)
 #   --global-batch G      strong scaling: images per step over all ranks
 #                         (default: B x the smallest rank count of the
 #                         series); counts that do not divide G are skipped
@@ -44,7 +46,7 @@
 #   --venv DIR            --submit: a venv the job activates after --setup
 #   --dry-run             --submit: write the jobs and print the submit
 #                         commands without submitting; --in-job/--local:
-#                         print the launch lines only
+#                         print the launch lines only (prelora-launch --print)
 #   -h, --help            show this help
 #
 # Rows: OUT/<scaling>-<stage>-n<ranks>.json, each one JSON object with
@@ -52,17 +54,15 @@
 # images_per_s_per_gpu, step_time_s, allreduce_bytes_per_step,
 # peak_memory_bytes, device. Full results: OUT/bench-<scaling>-n<ranks>.json.
 #
-# scripts/launch.sh starts prelora-train only (it adds --config CONFIG), so
-# the launch line for prelora-bench is built here, the same way: PBS:
-# mpiexec --ppn --depth --cpu-bind depth --envall --hostfile $PBS_NODEFILE
-# scripts/gpu_affinity.sh ...; Slurm: srun --mpi=pmi2 ... --gpus-per-task=1
-# --gpu-bind=none ...; the rendezvous address is rank 0's high-speed-network
-# name as in launch.sh (PRELORA_HSN_SUFFIX, PRELORA_MASTER_ADDR).
+# Each point is one scripts/launch.sh (prelora-launch) line, the job
+# templates' launch: under PBS mpiexec (Cray PALS, MPICH Hydra or Open MPI
+# options) with scripts/gpu_affinity.sh, under Slurm srun; the rendezvous
+# address and the ranks' environment as prelora-launch --help says. The
+# PBS stop timer is off (--stop-before 0): a bench writes no checkpoint.
 #
-# Environment: PRELORA_MPIEXEC (the mpiexec to use; default the one beside
-# prelora-bench, else the first on PATH), PRELORA_BENCH (the prelora-bench
-# to run; default the one on PATH), PRELORA_SRUN_MPI (srun's --mpi plugin,
-# default pmi2).
+# Environment: PRELORA_BENCH (the prelora-bench to run; default the one on
+# PATH); what prelora-launch reads (PRELORA_MPIEXEC, PRELORA_MPI_FLAVOUR,
+# PRELORA_HSN_SUFFIX, PRELORA_SRUN_MPI, ...).
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
@@ -130,14 +130,33 @@ done
 if [ -z "$preset" ]; then
     if [ "$mode" = local ]; then preset=cpu-small; else preset=vit-large; fi
 fi
+bench=${PRELORA_BENCH:-$(command -v prelora-bench || true)}
+if [ -z "$bench" ]; then
+    [ "$dry_run" = 1 ] || [ "$mode" = submit ] \
+        || die "prelora-bench is not on PATH: activate the environment it is installed in"
+    bench=prelora-bench
+fi
 if [ -z "$per_gpu_batch" ]; then
-    # The presets' micro batches (prelora_hpc/bench.py PRESETS).
-    case "$preset" in
-        toy) per_gpu_batch=4 ;;
-        cpu-small) per_gpu_batch=8 ;;
-        vit-large) per_gpu_batch=16 ;;
-        *) die "--per-gpu-batch is needed for preset '$preset'" ;;
-    esac
+    # The preset's micro batch, read by the bench's own load_preset; its
+    # module alone, since importing the bench package loads torch (seconds).
+    py=$(dirname "$(command -v "$bench" || echo "$bench")")/python
+    [ -x "$py" ] || py=python3
+    per_gpu_batch=$(PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} "$py" - "$preset" <<'PY'
+import importlib.util
+import sys
+
+bench = importlib.util.find_spec("prelora_hpc.bench").submodule_search_locations[0]
+spec = importlib.util.spec_from_file_location("prelora_hpc.bench.presets", f"{bench}/presets.py")
+presets = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(presets)
+from prelora_hpc.config import ConfigError, load_config
+try:
+    overrides = list(presets.load_preset(sys.argv[1]).overrides)
+    print(load_config(None, overrides).deepspeed.micro_batch_size)
+except ConfigError as e:
+    sys.exit(f"scaling.sh: {e}; or give --per-gpu-batch")
+PY
+) || exit 2
 fi
 ppn=${ppn:-4}
 stage_csv=$(echo $stages | tr ' ' ',')
@@ -151,20 +170,8 @@ smallest_ranks() {
     esac
 }
 
-bench=${PRELORA_BENCH:-$(command -v prelora-bench || true)}
-if [ -z "$bench" ]; then
-    [ "$dry_run" = 1 ] || [ "$mode" = submit ] \
-        || die "prelora-bench is not on PATH: activate the environment it is installed in"
-    bench=prelora-bench
-fi
-mpiexec=${PRELORA_MPIEXEC:-}
-if [ -z "$mpiexec" ]; then
-    if [ "$bench" != prelora-bench ] && [ -x "$(dirname "$bench")/mpiexec" ]; then
-        mpiexec=$(dirname "$bench")/mpiexec
-    else
-        mpiexec=$(command -v mpiexec || echo mpiexec)
-    fi
-fi
+# One launch line a point, with the options given for the allocation.
+launch_opts=(--stop-before 0)
 
 # prelora-bench's arguments for one (scaling, ranks) run.
 bench_args() {
@@ -179,14 +186,17 @@ bench_args() {
 
 failures=0
 
-# Run (or print) one launch line; check its rows appeared.
+# Run (or print) one point's launch line; check its rows appeared.
 run_one() {
     local scaling=$1 ranks=$2; shift 2
     local log="$out/logs/$scaling-n$ranks.log"
-    if [ "$dry_run" = 1 ]; then quoted "$@"; return 0; fi
+    if [ "$dry_run" = 1 ]; then
+        "$here/launch.sh" "${launch_opts[@]}" --print -- "$@" || exit $?
+        return 0
+    fi
     note "$scaling scaling, $ranks rank(s): $(quoted "$@")"
     local rc=0
-    "$@" >"$log" 2>&1 || rc=$?
+    "$here/launch.sh" "${launch_opts[@]}" -- "$@" >"$log" 2>&1 || rc=$?
     if [ "$rc" != 0 ]; then
         note "failed (exit $rc), last lines of $log:"; tail -n 20 "$log" >&2
         failures=$((failures + 1)); return 0
@@ -199,8 +209,7 @@ run_one() {
 # The series for a given rank count: every scaling asked, skipping strong
 # scaling where the global batch does not split evenly.
 run_series() {
-    local ranks=$1; shift
-    local launcher=("$@")
+    local ranks=$1
     for scaling in $scalings; do
         local gb=$global_batch
         if [ "$scaling" = strong ]; then
@@ -211,7 +220,7 @@ run_series() {
             fi
         fi
         mapfile -t args < <(bench_args "$scaling" "$ranks" "${gb:-0}")
-        run_one "$scaling" "$ranks" "${launcher[@]}" "$bench" "${args[@]}"
+        run_one "$scaling" "$ranks" "$bench" "${args[@]}"
     done
 }
 
@@ -224,43 +233,23 @@ local)
     while [ "$r" -le "$max_ranks" ]; do counts+=("$r"); r=$((r * 2)); done
     [ "${counts[-1]}" = "$max_ranks" ] || counts+=("$max_ranks")
     for n in "${counts[@]}"; do
-        run_series "$n" "$mpiexec" -n "$n"
+        launch_opts=(--stop-before 0 --local --np "$n")
+        run_series "$n"
     done
     ;;
 in-job)
-    if [ -n "${PBS_NODEFILE:-}" ]; then
-        [ -r "$PBS_NODEFILE" ] || die "PBS_NODEFILE=$PBS_NODEFILE is not readable"
-        mapfile -t hosts < <(awk 'NF && !seen[$1]++ {print $1}' "$PBS_NODEFILE")
-        nnodes=${#hosts[@]}
-        ranks=$((nnodes * ppn))
-        if [ -z "${PRELORA_MASTER_ADDR:-}" ]; then
-            suffix=${PRELORA_HSN_SUFFIX-.hsn.cm.polaris.alcf.anl.gov}
-            export PRELORA_MASTER_ADDR="${hosts[0]%%.*}$suffix"
-            [ -n "$suffix" ] || export PRELORA_MASTER_ADDR="${hosts[0]}"
-        fi
-        launcher=("$mpiexec" -n "$ranks" --ppn "$ppn" "--depth=${depth:-8}" --cpu-bind depth
-                  --envall --hostfile "$PBS_NODEFILE" "$here/gpu_affinity.sh")
-    elif [ -n "${SLURM_JOB_ID:-}" ]; then
-        nnodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
-        ranks=$((nnodes * ppn))
-        if [ -z "${PRELORA_MASTER_ADDR:-}" ] && command -v scontrol >/dev/null 2>&1 \
-                && [ -n "${SLURM_JOB_NODELIST:-}" ]; then
-            first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-            export PRELORA_MASTER_ADDR="${first%%.*}${PRELORA_HSN_SUFFIX:-}"
-        fi
-        srun=$(command -v srun || echo srun)
-        launcher=("$srun")
-        mpi=${PRELORA_SRUN_MPI-pmi2}
-        [ -z "$mpi" ] || launcher+=("--mpi=$mpi")
-        launcher+=(-n "$ranks" --ntasks-per-node "$ppn" --cpu-bind=cores)
-        depth=${depth:-${SLURM_CPUS_PER_TASK:-}}
-        [ -z "$depth" ] || launcher+=(-c "$depth")
-        launcher+=(--gpus-per-task=1 --gpu-bind=none)
-    else
-        die "--in-job needs a PBS (PBS_NODEFILE) or Slurm (SLURM_JOB_ID) allocation"
-    fi
-    note "# nodes=$nnodes ranks_per_node=$ppn ranks=$ranks master_addr=${PRELORA_MASTER_ADDR:-auto}"
-    run_series "$ranks" "${launcher[@]}"
+    launch_opts+=(--ppn "$ppn")
+    layout=$("$here/launch.sh" "${launch_opts[@]}" --layout) || exit $?
+    scheduler=local ranks=0
+    for kv in $layout; do
+        case "$kv" in scheduler=*) scheduler=${kv#*=} ;; ranks=*) ranks=${kv#*=} ;; esac
+    done
+    [ "$scheduler" != local ] \
+        || die "--in-job needs a PBS (PBS_NODEFILE) or Slurm (SLURM_JOB_ID) allocation"
+    [ "$scheduler" != pbs ] || depth=${depth:-8}
+    [ -z "$depth" ] || launch_opts+=(--depth "$depth")
+    note "# $layout"
+    run_series "$ranks"
     ;;
 submit)
     mkdir -p "$out/jobs"

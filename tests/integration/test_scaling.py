@@ -1,13 +1,14 @@
 """scripts/scaling.sh: its syntax, a real local series of 1 and 2 ranks for
 stage 1 and stage 3 (rows with exactly the keys prelora-report reads), the
-jobs it writes for PBS and Slurm, and the launch line it builds inside a
-(faked) PBS allocation.
+jobs it writes for PBS and Slurm, and the launch lines prelora-launch builds
+for it here and inside a (faked) PBS allocation.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,27 @@ def test_syntax_and_help():
     assert p.returncode == 0 and "--local" in p.stdout and "--submit" in p.stdout
     p = scaling("--local", "--scalings", "sideways")
     assert p.returncode == 2 and "weak and/or strong" in p.stderr
+    p = scaling("--in-job", "--per-gpu-batch", "4")
+    assert p.returncode == 2 and "--in-job needs a PBS (PBS_NODEFILE) or Slurm" in p.stderr
+    p = scaling("--local", "--preset", "no-such-preset", "--dry-run")
+    assert p.returncode == 2 and "no-such-preset: no such preset" in p.stderr
+
+
+def test_local_dry_run_prints_one_launch_line_per_point(tmp_path):
+    """The preset's micro batch (toy: 4) from its YAML; one local
+    prelora-launch line per (scaling, rank count)."""
+    p = scaling("--local", "--dry-run", "--preset", "toy", "--max-ranks", "2",
+                "--out", str(tmp_path / "rows"), extra_env={"PRELORA_MPIEXEC": "/opt/mpi/mpiexec"})
+    assert p.returncode == 0, p.stderr
+    lines = [shlex.split(line) for line in p.stdout.splitlines()]
+    assert [(a[:3], a[a.index("--scaling-row") + 1]) for a in lines] == [
+        (["/opt/mpi/mpiexec", "-n", str(n)], s) for n in (1, 2) for s in ("weak", "strong")]
+    for a in lines:
+        assert os.path.basename(a[3]) == "prelora-bench" and a[4:6] == ["--preset", "toy"]
+    _, _, weak2, strong2 = lines
+    assert "--micro-batch" in weak2 and weak2[weak2.index("--micro-batch") + 1] == "4"
+    # Strong scaling keeps the 1-rank run's global batch.
+    assert strong2[strong2.index("--global-batch") + 1] == "4"
 
 
 @pytest.mark.mpi
@@ -117,18 +139,29 @@ for st in args[args.index("--stages") + 1].split(","):
     open(os.path.join(d, f"{{s}}-{{st}}-n{{n}}.json"), "w").write("{{}}")
 """)
     fake.chmod(0o755)
+    # Polaris' high-speed-network name of rank 0's node resolves there.
+    fakebin = tmp_path / "bin"
+    fakebin.mkdir()
+    (fakebin / "getent").write_text('#!/bin/sh\n[ "$2" = x3006c0s13b0n0.hsn.cm.polaris.alcf.anl.gov ]'
+                                    ' && echo "10.0.0.1 $2"\n')
+    (fakebin / "getent").chmod(0o755)
     out = tmp_path / "rows"
     p = scaling("--in-job", "--preset", "vit-large", "--out", str(out), "--global-batch", "64",
                 extra_env={"PBS_NODEFILE": str(nodefile), "PRELORA_MPIEXEC": str(fake),
-                           "PRELORA_BENCH": "prelora-bench"})
+                           "PRELORA_MPI_FLAVOUR": "pals", "PRELORA_BENCH": "prelora-bench",
+                           "PATH": f"{fakebin}{os.pathsep}{os.environ['PATH']}"})
     assert p.returncode == 0, p.stderr
     lines = log.read_text().splitlines()
     assert len(lines) == 2
-    weak, strong = lines
-    head = (f"-n 8 --ppn 4 --depth=8 --cpu-bind depth --envall --hostfile {nodefile} "
-            f"{ROOT}/scripts/gpu_affinity.sh prelora-bench --preset vit-large --stages 1,3 ")
-    assert weak.startswith(head + "--scaling-row weak") and "--micro-batch 16" in weak
-    assert strong.startswith(head + "--scaling-row strong") and "--global-batch 64" in strong
+    weak, strong = (line.split() for line in lines)
+    head = ["-n", "8", "--ppn", "4", "--depth=8", "--cpu-bind", "depth", "--envall", "--hostfile",
+            str(nodefile), f"{ROOT}/scripts/gpu_affinity.sh"]
+    for argv, scaling_row in ((weak, "weak"), (strong, "strong")):
+        assert argv[:len(head)] == head and os.path.basename(argv[len(head)]) == "prelora-bench"
+        assert argv[len(head) + 1:len(head) + 7] == ["--preset", "vit-large", "--stages", "1,3",
+                                                     "--scaling-row", scaling_row]
+    assert weak[weak.index("--micro-batch") + 1] == "16"
+    assert strong[strong.index("--global-batch") + 1] == "64"
     assert "master_addr=x3006c0s13b0n0.hsn.cm.polaris.alcf.anl.gov" in p.stderr
     assert sorted(os.listdir(out)) == sorted(
         ["logs"] + [f"{s}-{st}-n8.json" for s in ("weak", "strong") for st in (1, 3)])
