@@ -429,8 +429,8 @@ def _unique_hosts(text: str) -> list[str]:
     return hosts
 
 
-def detect_allocation(env: dict, probes: Optional[Probes] = None, program_path: Optional[str] = None,
-                      local: bool = False) -> Allocation:
+def detect_allocation(env: dict, probes: Optional[Probes] = None,
+                      program_path: Optional[str] = None, local: bool = False) -> Allocation:
     """Where this launch runs, from ``env`` (the environment as a dict).
 
     PBS when PBS_NODEFILE is set (the node file lists a host once per MPI
@@ -555,7 +555,8 @@ def _master_addr(alloc: Allocation, env: dict, probes: Probes, out: LaunchEnv) -
             if probes.resolves(short + suffix):
                 master = short + suffix
             else:
-                out.warnings.append(f"{short}{suffix} does not resolve here: the rendezvous uses {first}")
+                out.warnings.append(f"{short}{suffix} does not resolve here: "
+                                    f"the rendezvous uses {first}")
         out.set[MASTER_ADDR_VAR] = master
     else:
         suffix = env.get("PRELORA_HSN_SUFFIX", "")
@@ -774,7 +775,8 @@ def seconds_left(alloc: Allocation, env: dict, probes: Optional[Probes] = None) 
         stime = _qstat_field(info, "stime")
         if stime:
             try:
-                started = time.mktime(time.strptime(" ".join(stime.split()), "%a %b %d %H:%M:%S %Y"))
+                started = time.mktime(time.strptime(" ".join(stime.split()),
+                                                    "%a %b %d %H:%M:%S %Y"))
                 elapsed = int(probes.now() - started)
             except ValueError:
                 pass
@@ -797,7 +799,8 @@ def stop_timer(alloc: Allocation, layout: Layout, env: dict,
         return None, "stop_before=off"
     left = seconds_left(alloc, env, probes)
     if left is None:
-        return None, f"stop_before={layout.stop_before}s (walltime unknown: relying on the scheduler's signal)"
+        return None, (f"stop_before={layout.stop_before}s "
+                      "(walltime unknown: relying on the scheduler's signal)")
     stop_in = max(left - layout.stop_before, 1)
     return stop_in, f"stop_before={layout.stop_before}s (SIGTERM in {stop_in}s)"
 
