@@ -13,44 +13,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
+from .memory import peak_memory_bytes, reset_peak_memory  # noqa: F401  (the trainer reads them here)
 from .records import Record, json_safe, read_records
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process: CUDA max allocated on a GPU, peak RSS on the CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    # ru_maxrss (KiB on Linux) cannot be reset: the lifetime peak.
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory measurement (at each stage's engine build), so
-    a stage's figure is its own and not the largest stage's before it."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        # "5" resets the kernel's resident high-water mark (VmHWM) on Linux.
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # not Linux: the figure stays the process's lifetime peak
 
 
 class MetricsWriter:
