@@ -3,8 +3,9 @@ trainable count and gradient bytes checked against the rank map's own
 arithmetic (sum over adapted layers of r x (in + out), plus the kept norms,
 pos_embed, cls_token and head, times 4 bytes in fp32); the floor's count
 against the kept parameters alone; the DDP peer's losses against our
-engine's. No timing is asserted: timings are figures for
-docs/benchmarks.md, not properties.
+engine's. Every step is the trainer's ``TrainStep``. No timing is asserted:
+timings are figures for docs/benchmarks.md, not properties. The arithmetic
+without a process group is in tests/unit/test_bench.py.
 """
 
 from __future__ import annotations
@@ -19,32 +20,15 @@ import torch
 import torch.nn as nn
 
 from mpi_util import ROOT, env, run_mpi
-from prelora_hpc import bench
-from prelora_hpc.config import load_config
-from prelora_hpc.model import build_model
+from prelora_hpc.bench.cost import PROJECTION_NODES, representative_rank_map
+from prelora_hpc.bench.probes import STEP_FLAG_ALLREDUCE
+from prelora_hpc.records import SCALING_ROW_KEYS
+from unit.test_bench import expected_stage3, toy_model
 
-TOY = bench.PRESETS["toy"].overrides + bench._BENCH_FIXED
 RATIO_KEYS = ("step_time_ratio", "grad_bytes_ratio", "peak_memory_ratio", "trainable_fraction")
 STAGE_KEYS = ("step_time_s", "compute_time_s", "images_per_s", "trainable_params", "total_params",
               "optimizer_state_bytes", "grad_bytes", "allreduce_bytes_per_step",
               "allreduce_calls_per_step", "peak_memory_bytes", "step_times_s")
-
-
-def toy_model() -> nn.Module:
-    return build_model(load_config(None, TOY).model)
-
-
-def expected_stage3(rank_map: dict[str, int]) -> int:
-    """Adapters r x (in + out) per adapted layer, plus what stage 3 keeps by
-    default: every LayerNorm, pos_embed, cls_token and the head."""
-    model = toy_model()
-    adapters = sum(r * (model.get_submodule(n).in_features + model.get_submodule(n).out_features)
-                   for n, r in rank_map.items())
-    norms = sum(p.numel() for m in model.modules() if isinstance(m, nn.LayerNorm)
-                for p in m.parameters())
-    kept = norms + model.pos_embed.numel() + model.cls_token.numel() + \
-        sum(p.numel() for p in model.head.parameters())
-    return adapters + kept
 
 
 def run_bench(tmp_path, *args: str) -> dict:
@@ -65,9 +49,11 @@ def check_stage3_arithmetic(r: dict, rank_map: dict[str, int]) -> None:
     assert s1["grad_bytes"] == 4 * n1
     assert s3["grad_bytes"] == 4 * n3
     # What DeepSpeed's comms logger saw: the gradients plus at most a few
-    # scalars DeepSpeed's step reduces.
+    # scalars DeepSpeed's step reduces, plus the training step's flag
+    # agreement (outside the logger).
     for s in (s1, s3):
         assert 0 <= s["allreduce_bytes_per_step"] - s["grad_bytes"] <= 64
+        assert s["allreduce_bytes_per_step"] - s["grad_bytes"] >= STEP_FLAG_ALLREDUCE["bytes"]
     # AdamW: two fp32 moments per trainable scalar (plus scalar step counters).
     assert 8 * n3 <= s3["optimizer_state_bytes"] <= 8 * n3 + 8 * 64
     assert r["trainable_fraction"] == pytest.approx(n3 / n1, rel=0, abs=1e-12)
@@ -86,8 +72,8 @@ def test_one_process_json(tmp_path):
     # The default map: Algorithm 2 over every tracked layer of the 2 blocks.
     ranks = r["rank_map"]["ranks"]
     assert len(ranks) == 8 and set(ranks.values()) <= {2, 4, 8}
-    assert ranks == bench.representative_rank_map(2, ["attn.qkv", "attn.proj", "mlp.fc1",
-                                                      "mlp.fc2"], 2, 8, seed=0)
+    assert ranks == representative_rank_map(2, ["attn.qkv", "attn.proj", "mlp.fc1",
+                                                "mlp.fc2"], 2, 8, seed=0)
     check_stage3_arithmetic(r, ranks)
     checks = r["stage3"]["checks"]
     for name in ("frozen_without_grad", "engine_trains_exactly_trainable",
@@ -100,8 +86,8 @@ def test_one_process_json(tmp_path):
     proj = r["projection"]
     for s in ("stage1", "stage3"):
         rows = proj[s]
-        assert [row["nodes"] for row in rows] == bench.PROJECTION_NODES
-        assert [row["gpus"] for row in rows] == [4 * n for n in bench.PROJECTION_NODES]
+        assert [row["nodes"] for row in rows] == PROJECTION_NODES
+        assert [row["gpus"] for row in rows] == [4 * n for n in PROJECTION_NODES]
         assert rows[0]["efficiency"] == pytest.approx(1.0)
     assert r["network"]["bandwidth_source"] == "assumed"
     assert "projection_check" not in r  # one rank: nothing to compare
@@ -200,80 +186,9 @@ def test_two_ranks_json_and_scaling_row(tmp_path):
         assert r[s]["compute_time_s"] is not None
     for stage in (1, 3):
         row = json.loads((rows / f"weak-{stage}-n2.json").read_text())
-        assert tuple(row) == bench.ROW_KEYS
+        assert tuple(row) == SCALING_ROW_KEYS
         assert row["stage"] == stage and row["gpus"] == 2 and row["nodes"] == 1
         assert row["global_batch"] == 8
         assert row["allreduce_bytes_per_step"] == r[f"stage{stage}"]["allreduce_bytes_per_step"]
         assert row["images_per_s"] == pytest.approx(8 / row["step_time_s"])
         assert row["images_per_s_per_gpu"] == pytest.approx(row["images_per_s"] / 2)
-
-
-def test_representative_rank_map_is_algorithm_2():
-    mods = ["attn.qkv", "mlp.fc1"]
-    a = bench.representative_rank_map(24, mods, 8, 64, seed=3)
-    assert a == bench.representative_rank_map(24, mods, 8, 64, seed=3)
-    assert len(a) == 48 and set(a.values()) <= {8, 16, 32, 64}
-    for m in mods:
-        layer_ranks = [a[f"blocks.{l}.{m}"] for l in range(24)]
-        # min-max normalization: the most settled layer gets r_min, the most
-        # changing one r_max.
-        assert min(layer_ranks) == 8 and max(layer_ranks) == 64
-
-
-def test_ring_model_arithmetic():
-    assert bench.ring_allreduce_traffic(1000, 1) == 0
-    assert bench.ring_allreduce_traffic(1000, 2) == 1000
-    assert bench.ring_allreduce_traffic(1000, 4) == 1500
-    # 1 GB over 8 ranks at 200 Gb/s: 2 * 7/8 * 8e9 bits / 2e11 b/s = 0.07 s;
-    # plus 2 calls x 2 log2(8) hops x 10 us.
-    t = bench.allreduce_time(1e9, 8, 200.0, 10e-6, calls=2)
-    assert t == pytest.approx(0.07 + 2 * 6 * 10e-6)
-    stage = {"compute_time_s": 0.1, "allreduce_bytes_per_step": 1e9, "allreduce_calls_per_step": 1}
-    rows = bench.project(stage, 16, 200.0, 0.0, gpus_per_node=4, nodes=[1, 2, 512])
-    assert rows[0]["efficiency"] == 1.0
-    assert rows[0]["images_per_s"] == pytest.approx(4 * 16 / (0.1 + 2 * 3 / 4 * 8e9 / 2e11))
-    assert rows[1]["efficiency"] < 1.0 and rows[2]["efficiency"] < rows[1]["efficiency"]
-
-
-def test_count_only_matches_arithmetic_and_reference_is_under_ten_percent():
-    cfg = load_config(None, TOY)
-    rm = bench.representative_rank_map(2, cfg.lora.target_modules, 2, 8)
-    c = bench.count_only(cfg, rm)
-    assert c["stage1_trainable"] == sum(p.numel() for p in toy_model().parameters())
-    assert c["rank_map"]["stage3_trainable"] == expected_stage3(rm)
-    assert c["all_r_max"]["stage3_trainable"] == expected_stage3({k: 8 for k in rm})
-    # The reference model (ViT-L/16, 224 px, 1000 classes) at ranks 8..64:
-    # even with every layer at r_max stage 3 trains under 10% of stage 1.
-    ref = load_config(None, bench.PRESETS["vit-large"].overrides)
-    rm = bench.representative_rank_map(24, ref.lora.target_modules, 8, 64)
-    c = bench.count_only(ref, rm)
-    assert c["stage1_trainable"] > 300_000_000
-    assert c["rank_map"]["trainable_fraction"] < c["all_r_max"]["trainable_fraction"] < 0.10
-
-
-def test_rank_map_from_an_earlier_bench_result(tmp_path):
-    ranks = {"blocks.0.attn.qkv": 8, "blocks.1.mlp.fc2": 2}
-    f = tmp_path / "bench.json"
-    f.write_text(json.dumps({"preset": "toy", "rank_map": {"source": "x", "ranks": ranks}}))
-    assert bench.load_rank_map(f) == ranks
-
-
-def test_rank_map_file_errors(tmp_path):
-    f = tmp_path / "bad.json"
-    f.write_text(json.dumps({"blocks.0.attn.qkv": 0}))
-    with pytest.raises(ValueError, match="positive int"):
-        bench.load_rank_map(f)
-    f.write_text("[1, 2]")
-    with pytest.raises(ValueError, match="non-empty object"):
-        bench.load_rank_map(f)
-
-
-def test_cli_usage_errors():
-    assert bench.main(["--scaling-row", "weak"]) == 2
-    assert bench.main(["--preset", "toy", "--stages", "2"]) == 2
-
-
-def test_cli_count_only(capsys):
-    assert bench.main(["--preset", "toy", "--count-only"]) == 0
-    out = capsys.readouterr().out
-    assert "trainable" in out and "every layer at r_max" in out
