@@ -6,8 +6,10 @@
 
 Measures (1) the loader's supply: images/s through read + decode +
 training transform at --img-size, for 0..--max-workers workers, and (2) the
-training step's demand: images/s of forward + backward + AdamW step of a
-timm model on random input (CUDA if available, else CPU). The ratio says how
+training step's demand: images/s of the trainer's own step
+(``step.TrainStep``: forward, loss, backward and AdamW step of a DeepSpeed
+engine over the run's ViT) on random input, on the device a rank trains on
+(its GPU if it has one, else the CPU). The ratio says how
 many workers one rank needs. --fake-jpeg N converts N ImageNet-sized JPEGs
 (500x375, about ImageNet's mean) first, because the 32x32 digits PNGs decode
 far faster than real photographs.
@@ -27,16 +29,19 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import torch
-import torch.utils.data
-from PIL import Image
+# mpi4py before torch (launch.py explains why): the step runs on an engine.
+from .. import launch
 
-from ..config import DataConfig
-from .convert import convert
-from .digits import ensure_digits_hdf5
-from .hdf5 import HDF5ImageDataset
-from .transforms import build_transform
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.utils.data  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ..config import DataConfig  # noqa: E402
+from .convert import convert  # noqa: E402
+from .digits import ensure_digits_hdf5  # noqa: E402
+from .hdf5 import HDF5ImageDataset  # noqa: E402
+from .transforms import build_transform  # noqa: E402
 
 
 def write_fake_jpegs(root: Path, count: int, seed: int = 0, size: tuple[int, int] = (500, 375)) -> None:
@@ -70,32 +75,47 @@ def loader_rate(ds: torch.utils.data.Dataset, workers: int, batch_size: int, bat
 
 
 def step_rate(model_name: str, num_classes: int, img_size: int, batch_size: int, steps: int,
-              warmup: int, device: torch.device) -> float:
-    """Images/s of forward + backward + AdamW step on random input (after ``warmup`` steps)."""
-    import timm
+              warmup: int) -> tuple[float, torch.device]:
+    """Images/s of the trainer's training step (``step.TrainStep`` on a
+    DeepSpeed engine over ``model.build_model``'s ViT, the run's default
+    optimizer, precision and ZeRO settings) on random input [batch_size, 3,
+    img_size, img_size], after ``warmup`` untimed steps; and the device it
+    ran on. Under mpiexec every rank steps (the rate is one rank's)."""
+    from ..config import load_config
+    from ..engine import build_engine, destroy_engine, resolve_precision
+    from ..model import build_model
+    from ..step import TrainStep
 
-    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes,
-                              img_size=img_size).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    y = torch.randint(0, num_classes, (batch_size,), device=device)
+    cfg = load_config(None, [f"model.name={model_name}", f"model.num_classes={num_classes}",
+                             f"model.img_size={img_size}", f"deepspeed.micro_batch_size={batch_size}",
+                             "deepspeed.grad_accum_steps=1", "data.source=synthetic"])
+    owned = not torch.distributed.is_initialized()
+    dist = launch.init_distributed(cfg.run.collective_timeout_s)
+    engine = build_engine(build_model(cfg.model).to(dist.device), cfg, dist)
+    try:
+        step = TrainStep(engine, dist.device, resolve_precision(cfg, dist.device),
+                         cfg.optim.label_smoothing)
+        # Images come from the loader on the host; the step moves and casts them.
+        x = torch.randn(batch_size, 3, img_size, img_size)
+        y = torch.randint(0, num_classes, (batch_size,))
 
-    def step():
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        def sync():
+            if dist.device.type == "cuda":
+                torch.cuda.synchronize(dist.device)
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return batch_size * steps / (time.perf_counter() - t0)
+        for _ in range(warmup):
+            step(x, y)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(x, y)
+        sync()
+        rate = batch_size * steps / (time.perf_counter() - t0)
+    finally:
+        destroy_engine(engine)
+        if owned:
+            launch.finish()
+    return rate, dist.device
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,9 +145,8 @@ def run(args: argparse.Namespace, path: Path) -> dict:
         rate = loader_rate(ds, w, args.batch_size, args.batches)
         supply.append({"workers": w, "images_per_s": rate, "per_worker": rate / max(w, 1)})
         print(f"  loader, {w} worker(s): {rate:8.1f} img/s", file=sys.stderr, flush=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    demand = step_rate(args.model, ds.num_classes, args.img_size, args.batch_size, args.steps,
-                       args.warmup, device)
+    demand, device = step_rate(args.model, ds.num_classes, args.img_size, args.batch_size,
+                               args.steps, args.warmup)
     # One worker's rate is the honest per-worker figure: with more workers
     # than free cores the per-worker rate falls.
     per_worker = next(s["per_worker"] for s in supply if s["workers"] == 1) if args.max_workers else \
@@ -155,7 +174,7 @@ def format_table(r: dict) -> str:
         per = "(main process)" if s["workers"] == 0 else f"{s['per_worker']:.1f}"
         lines.append(f"{s['workers']:>7} {s['images_per_s']:>7.1f}   {per}")
     t = r["train_step"]
-    lines.append(f"training step ({t['model']}, fwd+bwd+AdamW on {r['machine']['device']}): "
+    lines.append(f"training step ({t['model']}, the trainer's step on {r['machine']['device']}): "
                  f"{t['images_per_s']:.1f} img/s")
     lines.append(f"workers needed per rank to keep up: {r['workers_needed']}")
     return "\n".join(lines)
