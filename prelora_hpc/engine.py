@@ -11,6 +11,8 @@ trainable, unless ``prelora.reset_optimizer`` asks for fresh moments.
 
 from __future__ import annotations
 
+import contextlib
+
 import gc
 import math
 from dataclasses import dataclass, field
@@ -172,6 +174,29 @@ def current_lr(engine) -> float:
     """The run's learning rate as last set (the first group's over its scale)."""
     g = base_optimizer(engine).param_groups[0]
     return g["lr"] / g["lr_scale"]
+
+
+@contextlib.contextmanager
+def update_skipped(engine):
+    """Within this context, ``engine.step()`` at an accumulation boundary
+    leaves the weights and the optimizer state as they are: for a step whose
+    loss was not finite on some rank (its gradients, all-reduced, are not
+    finite on any rank).
+
+    The torch AdamW inside the engine (``base_optimizer``) does nothing when
+    stepped; everything around it runs as usual, so DeepSpeed's counters
+    advance (its accumulation boundaries stay where the trainer counts them)
+    and its wrappers clear the gradients and copy the unchanged master
+    weights back. This touches only our own optimizer object, no DeepSpeed
+    internals, and behaves the same under ZeRO 0-3 in DeepSpeed 0.17.6 and
+    0.19.8.
+    """
+    opt = base_optimizer(engine)
+    opt.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del opt.step
 
 
 def group_parameters(engine) -> list[list[nn.Parameter]]:

@@ -115,25 +115,26 @@ def seed_all(seed: int) -> None:
 
 
 class LossMeter:
-    """Sums micro-batch losses on the device, so adding one costs no host
-    sync; the sum reaches the host only when read."""
+    """Sums the finite micro-batch losses on the device, so adding one costs
+    no host sync; the sum reaches the host only when read."""
 
     def __init__(self, device: torch.device):
-        self.device = device
         self.sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.count = 0
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
 
     def add(self, loss: torch.Tensor) -> None:
-        self.sum += loss.detach().to(torch.float64)
-        self.count += 1
+        ok = torch.isfinite(loss.detach())
+        self.sum += torch.where(ok, loss.detach(), 0.0).to(torch.float64)
+        self.count += ok.to(torch.int64)
 
     def drain_into(self, p: Progress) -> None:
         """Move the sum so far into ``p``'s window totals (one host sync)."""
-        if self.count:
+        n = int(self.count)
+        if n:
             p.window_loss_sum += float(self.sum)
-            p.window_loss_count += self.count
-            self.sum.zero_()
-            self.count = 0
+            p.window_loss_count += n
+        self.sum.zero_()
+        self.count.zero_()
 
 
 @dataclass
@@ -245,7 +246,8 @@ class Trainer:
         stop = self.stop
         self.step_fn = TrainStep(engine, self.device, self.precision,
                                  self.cfg.optim.label_smoothing,
-                                 stop_requested=lambda: stop is not None and stop.received is not None)
+                                 stop_requested=lambda: stop is not None and stop.received is not None,
+                                 on_nonfinite=self.nonfinite_loss)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -352,19 +354,18 @@ class Trainer:
 
     # --------------------------------------------------------------- stepping
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        """Collective: one micro batch through the step (``prelora_hpc.step``).
-        A non-finite loss on any rank stops the run or skips the micro batch,
-        as ``run.on_nonfinite_loss`` says."""
-        lr = lr_at(self.cfg, self.p.global_step, self.total_steps)
-        res = self.step_fn(x, y, lr=lr)
-        if res.nonfinite:
-            where = (f"non-finite loss at step {self.p.global_step} "
-                     f"(epoch {self.p.epoch}, {stage_name(self.p.stage)})")
-            if self.cfg.run.on_nonfinite_loss == "stop":
-                raise NonFiniteLoss(where + "; the latest checkpoint is the last good state")
-            self.p.skipped_steps += 1
-            self.log.warn(where + f": step skipped ({self.p.skipped_steps} so far)")
-        return res
+        """Collective: one micro batch through the step (``prelora_hpc.step``)."""
+        return self.step_fn(x, y, lr=lr_at(self.cfg, self.p.global_step, self.total_steps))
+
+    def nonfinite_loss(self) -> None:
+        """Every rank, when some rank's loss in this optimizer step was not
+        finite: stop the run, or skip the step, as ``run.on_nonfinite_loss`` says."""
+        where = (f"non-finite loss at step {self.p.global_step} "
+                 f"(epoch {self.p.epoch}, {stage_name(self.p.stage)})")
+        if self.cfg.run.on_nonfinite_loss == "stop":
+            raise NonFiniteLoss(where + "; the latest checkpoint is the last good state")
+        self.p.skipped_steps += 1
+        self.log.warn(where + f": step skipped ({self.p.skipped_steps} so far)")
 
     def train(self) -> int:
         """Run to the end (0) or to a stop signal (85 walltime, 130 Ctrl-C)."""
@@ -379,11 +380,10 @@ class Trainer:
                 micro += 1
                 self.p.samples_in_epoch += len(y)
                 self.log.count_samples(len(y) * self.dist.world_size)
-                if res.loss is not None:
-                    self.losses.add(res.loss)
+                self.losses.add(res.loss)
                 if micro % accum:
                     continue  # stop and count only at optimizer-step boundaries
-                self.on_optimizer_step(res.loss)
+                self.on_optimizer_step(None if res.nonfinite else res.loss)
                 if res.stop:
                     return self.stop_for_signal()
                 if self.p.global_step >= self.total_steps:

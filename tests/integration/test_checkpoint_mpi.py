@@ -139,3 +139,18 @@ def test_nan_loss_can_skip_steps_instead(tmp_path):
                            "--output-dir", tmp_path, *BASE, "run.on_nonfinite_loss=skip"))
     end = read_metrics(tmp_path, "end")[-1]
     assert end["skipped_steps"] == 1 and end["step"] == 16
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("zero,accum", [(0, 1), (0, 2), (1, 1), (2, 2), (3, 1)])
+def test_a_nan_on_one_rank_skips_the_whole_step_everywhere(tmp_path, zero, accum):
+    """The flags are agreed once per optimizer step, after backward: the
+    step's update is discarded on every rank, weights and AdamW state
+    exactly as before, and the next step trains again."""
+    run_mpi(script_cmd("nan_skip_update.py", tmp_path, zero, accum))
+    for rank in (0, 1):
+        rec = json.loads((tmp_path / f"nan_skip_rank{rank}.json").read_text())
+        assert rec["boundary_flags"] == [[False, False]] * (accum - 1) + [[True, True]], rec
+        assert rec["unchanged"] and rec["state_tensors"] > 0, rec
+        assert rec["updated_after"] and rec["finite_after"], rec
+        assert rec["skipped_steps"] == 1
