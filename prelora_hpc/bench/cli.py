@@ -21,7 +21,8 @@ import torch  # noqa: E402
 
 from ..config import Config, ConfigError, load_config  # noqa: E402
 from ..model import build_model  # noqa: E402
-from .cost import DEFAULT_BANDWIDTH_GBPS, count_only, load_rank_map, representative_rank_map  # noqa: E402
+from .cost import (DEFAULT_BANDWIDTH_GBPS, count_only, load_rank_map,  # noqa: E402
+                   representative_rank_map)
 from .output import format_count, format_markdown, format_table, scaling_row  # noqa: E402
 from .presets import BENCH_FIXED, Preset, load_preset, preset_names  # noqa: E402
 from .runner import PEERS, Options, run  # noqa: E402

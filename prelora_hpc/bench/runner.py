@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Config
-from ..engine import build_engine, destroy_engine, global_batch, resolve_precision, trainable_in_engine
+from ..engine import (build_engine, destroy_engine, global_batch, resolve_precision,
+                      trainable_in_engine)
 from ..memory import PeakMemory, release_free_memory
 from ..model import build_model, count_parameters
 from ..step import TrainStep

@@ -87,7 +87,8 @@ def step_rate(model_name: str, num_classes: int, img_size: int, batch_size: int,
     from ..step import TrainStep
 
     cfg = load_config(None, [f"model.name={model_name}", f"model.num_classes={num_classes}",
-                             f"model.img_size={img_size}", f"deepspeed.micro_batch_size={batch_size}",
+                             f"model.img_size={img_size}",
+                             f"deepspeed.micro_batch_size={batch_size}",
                              "deepspeed.grad_accum_steps=1", "data.source=synthetic"])
     owned = not torch.distributed.is_initialized()
     dist = launch.init_distributed(cfg.run.collective_timeout_s)
