@@ -58,6 +58,11 @@ class ModelConfig:
     """Stochastic depth rate."""
     drop_rate: float = 0.0
     """Dropout before the head."""
+    compile: bool = False
+    """``torch.compile`` the model (inductor): once per stage, since each
+    engine rebuild changes the module (adapters injected, base frozen). The
+    first steps of each stage pay the compilation; docs/benchmarks.md has
+    what it costs and saves. ZeRO 0-2 only."""
 
     def check(self, err):
         if self.img_size <= 0:
@@ -481,6 +486,10 @@ def _check(cfg: Config, source: str) -> None:
         # The update statistics need each layer's whole weight on one rank.
         raise ConfigError(f"'prelora.criterion' in {source}: criterion 'update' and rank_rule "
                           "'energy' need deepspeed.zero_stage <= 2 (ZeRO-3 partitions weights)")
+    if cfg.model.compile and cfg.deepspeed.zero_stage == 3:
+        # ZeRO-3 gathers parameters in module hooks that torch.compile would
+        # have to trace through; not supported here.
+        raise ConfigError(f"'model.compile' in {source}: needs deepspeed.zero_stage <= 2")
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

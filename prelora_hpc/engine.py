@@ -333,7 +333,8 @@ def build_engine(model: nn.Module, cfg: Config, dist: DistInfo):
     parameters only (AdamW; lr set each step by the trainer).
 
     Returns the engine. Frozen parameters get no gradient buffer, no optimizer
-    state and no place in the gradient all-reduce.
+    state and no place in the gradient all-reduce. With ``model.compile`` the
+    model's forward is compiled for this stage.
     """
     import deepspeed
 
@@ -351,6 +352,12 @@ def build_engine(model: nn.Module, cfg: Config, dist: DistInfo):
         # set_device(LOCAL_RANK) and ranks 1-3 fail.
         args=_DeviceArgs(dist.device.index) if dist.device.type == "cuda" else None,
     )
+    if cfg.model.compile:
+        # In place (nn.Module.compile): parameter and state-dict names stay
+        # as they are, so checkpoints, rank maps and resume are unchanged.
+        # Called again on each rebuild, it replaces the previous stage's
+        # compiled forward with a fresh one for the module's new shape.
+        model.compile()
     return engine
 
 
