@@ -32,6 +32,10 @@ import torch.nn.functional as F
 from .engine import set_lr, update_skipped
 
 
+#: The flag agreement's all-reduce, once per optimizer step: 2 fp32 values.
+AGREEMENT_BYTES = 2 * 4
+
+
 @dataclass
 class StepResult:
     """What one micro batch did. ``nonfinite`` and ``stop`` are agreed over

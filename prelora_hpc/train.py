@@ -90,6 +90,15 @@ def reduce_window_stats(tracker: NormTracker, updates: Optional[UpdateTracker],
     return stats
 
 
+def decide_on_rank0(policy: SwitchPolicy, stats: WindowStats, can_switch: bool,
+                    is_main: bool) -> Decision:
+    """Collective: rank 0's ``policy`` observes ``stats`` and decides; the
+    decision (reason, rank map) is broadcast, and every rank returns it."""
+    payload = [policy.observe(stats, can_switch) if is_main else None]
+    tdist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
 @dataclass
 class Progress:
     """The trainer's position, saved in every checkpoint."""
@@ -326,12 +335,8 @@ class Trainer:
     def decide(self, stats: WindowStats) -> Decision:
         """Collective: rank 0's policy records the window and decides; all
         ranks return rank 0's decision (``stats`` on other ranks are ignored)."""
-        payload = [None]
-        if self.dist.is_main:
-            can_switch = self.cfg.run.mode == "prelora" and self.p.stage == 1
-            payload[0] = self.policy.observe(stats, can_switch)
-        tdist.broadcast_object_list(payload, src=0)
-        return payload[0]
+        can_switch = self.cfg.run.mode == "prelora" and self.p.stage == 1
+        return decide_on_rank0(self.policy, stats, can_switch, self.dist.is_main)
 
     def window_end(self) -> None:
         """Collective: reduce the window's statistics, decide, act on the decision."""

@@ -16,13 +16,14 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..engine import base_optimizer
+from ..step import AGREEMENT_BYTES
 from .cost import DEFAULT_BANDWIDTH_GBPS, allreduce_hops, ring_allreduce_traffic
 
 #: ``step.TrainStep``'s flag agreement (non-finite loss, stop request): one
 #: all-reduce of 2 fp32 flags per optimizer step (every bench step is one
 #: micro batch). It goes through torch.distributed directly, so DeepSpeed's
 #: comms logger does not see it.
-STEP_FLAG_ALLREDUCE = {"bytes": 2 * 4, "calls": 1}
+STEP_FLAG_ALLREDUCE = {"bytes": AGREEMENT_BYTES, "calls": 1}
 
 
 # --------------------------------------------------------------------------- #

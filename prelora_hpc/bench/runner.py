@@ -306,28 +306,21 @@ def bookkeeping_cost(ctx: Ctx, model: nn.Module, step_time: float, reps: int = 5
     Per window the trainer reduces the window statistics over ranks
     (``train.reduce_window_stats``: norms, and each rank's share of the
     relative updates and energy ranks, in one all-reduce) and rank 0's
-    ``SwitchPolicy`` decides. Both are timed here on the stage-1 model,
-    through the trainer's own functions, with the full test (and the rank
-    assignment) running at every timed window; ``update_stats_s`` is the
-    part spent on the update statistics alone. The update statistics are
-    always timed (the trainer's default ``prelora.track_updates``), so this
-    is the cost with them.
+    ``SwitchPolicy`` decides, its decision broadcast. All of it is timed here
+    on the stage-1 model, through the trainer's own functions
+    (``train.build_switch``, ``reduce_window_stats``, ``decide_on_rank0``),
+    with the full test (and the rank assignment) running at every timed
+    window; ``update_stats_s`` is the part spent on the update statistics
+    alone (0 where the trainer does not track them, ZeRO-3).
     """
-    from ..convergence import NormTracker, UpdateTracker
-    from ..stages import SwitchParams, SwitchPolicy
-    from ..train import reduce_window_stats
+    from ..train import build_switch, decide_on_rank0, reduce_window_stats
 
     cfg, dist = ctx.cfg, ctx.dist
-    params = SwitchParams.from_config(cfg)
-    tracker = NormTracker(model, cfg.lora.target_modules, cfg.prelora.k)
-    updates = UpdateTracker(tracker, dist.rank, dist.world_size, params.energy,
-                            params.r_min, params.r_max)
-    policy = SwitchPolicy(params, tracker.module_names, tracker.num_layers)
+    tracker, policy, updates = build_switch(cfg, model, dist)
 
     def window():
         stats = reduce_window_stats(tracker, updates, model, 1.5, dist.world_size, dist.device)
-        if dist.is_main:
-            policy.observe(stats, can_switch=True)
+        decide_on_rank0(policy, stats, True, dist.is_main)
 
     # k earlier windows, so each timed window has a full history to test.
     for _ in range(cfg.prelora.k):
@@ -339,7 +332,8 @@ def bookkeeping_cost(ctx: Ctx, model: nn.Module, step_time: float, reps: int = 5
         window()
         times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        updates.local_stats(model)
+        if updates is not None:
+            updates.local_stats(model)
         update_times.append(time.perf_counter() - t0)
     per_window = statistics.median(reduce(dist, times, "max"))
     update_s = statistics.median(reduce(dist, update_times, "max"))
