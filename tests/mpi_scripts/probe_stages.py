@@ -4,7 +4,6 @@ Usage: mpiexec -n 2 python probe_stages.py OUT_DIR [overrides...]
 Writes OUT_DIR/probe_rank{r}.json.
 """
 
-import hashlib
 import json
 import sys
 
@@ -14,6 +13,7 @@ from prelora_hpc.config import load_config
 from prelora_hpc.engine import trainable_in_engine
 from prelora_hpc.launch import init_distributed
 from prelora_hpc.lora import lora_modules
+from prelora_hpc.model import parameter_digest
 from prelora_hpc.train import Trainer
 
 
@@ -45,15 +45,11 @@ def main():
     dist = init_distributed(120)
     t = ProbeTrainer(cfg, dist)
     code = t.train()
-    digest = hashlib.sha256()
-    for n, p in sorted(t.model.named_parameters()):
-        digest.update(n.encode())
-        digest.update(p.detach().cpu().numpy().tobytes())
     res = {
         "code": code,
         "rank_map": t.rank_map,
         "lora_ranks": {n: m.r for n, m in lora_modules(t.model).items()},
-        "param_sha256": digest.hexdigest(),
+        "param_sha256": parameter_digest(t.model),
         "stage": t.p.stage,
         "stage3_steps": t.stage3_steps,
         "base_unchanged": all(torch.equal(t.base0[n], t.base_last[n]) for n in t.base0),

@@ -9,7 +9,6 @@ weights. Exit status as prelora-train's on success (0).
 """
 
 import argparse
-import hashlib
 import json
 import os
 import socket
@@ -19,6 +18,7 @@ from pathlib import Path
 from prelora_hpc import launch  # mpi4py before torch
 from prelora_hpc.config import load_config
 from prelora_hpc.lora import lora_modules
+from prelora_hpc.model import parameter_digest
 from prelora_hpc.train import Trainer
 
 
@@ -35,10 +35,6 @@ def main() -> int:
         code = trainer.train()
     finally:
         trainer.close()
-    digest = hashlib.sha256()
-    for name, param in sorted(trainer.model.named_parameters()):
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().numpy().tobytes())
     import torch.distributed as tdist
 
     record = {
@@ -52,7 +48,7 @@ def main() -> int:
         "stage": trainer.p.stage,
         "rank_map": trainer.rank_map,
         "lora_ranks": {n: m.r for n, m in lora_modules(trainer.model).items()},
-        "param_sha256": digest.hexdigest(),
+        "param_sha256": parameter_digest(trainer.model),
     }
     out = Path(args.output_dir) / "probe"
     out.mkdir(parents=True, exist_ok=True)
