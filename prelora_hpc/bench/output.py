@@ -40,7 +40,8 @@ def format_table(r: dict[str, Any]) -> str:
         f"prelora-bench {r['preset']}: {r['world_size']} rank(s) on {r['nodes']} node(s), "
         f"{r['device']}, {r['backend']}, {r['precision']}, ZeRO {r['zero_stage']}",
         f"model {r['model']['name']} (img {r['model']['img_size']}, width "
-        f"{r['model']['embed_dim']}, depth {r['model']['depth']}); micro batch "
+        f"{r['model']['embed_dim']}, depth {r['model']['depth']}"
+        f"{', compiled' if r['model'].get('compile') else ''}); micro batch "
         f"{r['micro_batch_size']} per rank, global {r['global_batch']}; {r['steps']} timed steps "
         f"after {r['warmup_steps']} warm-up (median of the slowest rank)",
         f"rank map: {r['rank_map']['source']}, {r['rank_map']['layers']} layers, "
@@ -50,6 +51,7 @@ def format_table(r: dict[str, Any]) -> str:
     ]
     rows = [("step time (median)", "step_time_s", "s", "step_time_ratio"),
             ("step time without all-reduce", "compute_time_s", "s", "compute_time_ratio"),
+            ("first step (compile, warm-up)", "first_step_s", "s", None),
             ("images/s (all ranks)", "images_per_s", "f", None),
             ("trainable parameters", "trainable_params", "int", "trainable_fraction"),
             ("optimizer state (per rank)", "optimizer_state_bytes", "bytes", "optimizer_state_ratio"),
@@ -58,8 +60,8 @@ def format_table(r: dict[str, Any]) -> str:
              "allreduce_bytes_ratio"),
             ("peak memory (max over ranks)", "peak_memory_bytes", "bytes", "peak_memory_ratio")]
     for label, key, kind, ratio_key in rows:
-        a = _fmt(s1[key], kind) if s1 else "-"
-        b = _fmt(s3[key], kind) if s3 else "-"
+        a = _fmt(s1.get(key), kind) if s1 else "-"
+        b = _fmt(s3.get(key), kind) if s3 else "-"
         q = r.get(ratio_key) if ratio_key else None
         lines.append(f"{label:34}{a:>16}{b:>16}{(f'{q:.3f}' if q is not None else ''):>10}")
     if s1 and s3 and "flop_ratio" in r:
@@ -169,12 +171,13 @@ def format_markdown(r: dict[str, Any]) -> str:
     lines = [f"`{r['command']}`", "",
              f"{r['date']}, {r['device']}, {r['world_size']} rank(s) on {r['nodes']} node(s), "
              f"{r['backend']}, {r['precision']}, ZeRO {r['zero_stage']}, torch {r['torch']}; "
-             f"{r['model']['name']} at {r['model']['img_size']} px, micro batch "
+             f"{r['model']['name']} at {r['model']['img_size']} px"
+             f"{' (model.compile)' if r['model'].get('compile') else ''}, micro batch "
              f"{r['micro_batch_size']} per rank; {r['steps']} timed steps after "
              f"{r['warmup_steps']} warm-up, median of the slowest rank.", "",
-             "| configuration | step | without all-reduce | images/s | trainable | peak memory "
-             "| step / stage 1 |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| configuration | step | without all-reduce | first step | images/s | trainable "
+             "| peak memory | step / stage 1 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     rows = [("stage 1 (ours)", s1), ("stage 3 (ours)", r.get("stage3")),
             ("floor: stage 3 without adapters", r.get("floor"))]
     peer = r.get("peer") or {}
@@ -185,6 +188,7 @@ def format_markdown(r: dict[str, Any]) -> str:
             continue
         rel = ratio(s["step_time_s"], s1["step_time_s"]) if s1 else None
         lines.append(f"| {label} | {ms(s['step_time_s'])} | {ms(s['compute_time_s'])} | "
+                     f"{ms(s.get('first_step_s'))} | "
                      f"{s['images_per_s']:.1f} | {s['trainable_params']:,} | "
                      f"{_fmt_bytes(s['peak_memory_bytes'])} | {q(rel)} |")
     lines.append("")

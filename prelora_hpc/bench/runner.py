@@ -126,10 +126,22 @@ def run_stage(ctx: Ctx, stage: int, config: Optional[str] = None) -> dict[str, A
     x, y = ctx.batch
     res: dict[str, Any] = {"stage": stage, "config": config}
     try:
-        losses = [step(x, y).loss for _ in range(max(0, ctx.opts.warmup - 1))]
+        # The first step's time includes what only the first call pays
+        # (model.compile's compilation, the allocator's growth).
+        losses, first = [], None
+        t0 = time.perf_counter()
+        for _ in range(max(0, ctx.opts.warmup - 1)):
+            losses.append(step(x, y).loss)
+            if first is None:
+                sync(dist)
+                first = time.perf_counter() - t0
         # The last warm-up step runs under the comms logger: what actually
         # went over the wire, per op.
         comm, last = logged_comm_step(dist, lambda: step(x, y))
+        if first is None:
+            sync(dist)
+            first = time.perf_counter() - t0
+        res["first_step_s"] = reduce(dist, [first], "max")[0]
         res["warmup_losses"] = mean_losses(dist, losses + [last.loss])
         times = timed(dist, lambda: step(x, y), ctx.opts.steps)
         median = statistics.median(times)
@@ -381,7 +393,8 @@ def run(cfg: Config, dist, rank_map: dict[str, int], rank_map_source: str, opts:
         "precision": precision,
         "zero_stage": cfg.deepspeed.zero_stage,
         "model": {k: getattr(cfg.model, k) for k in ("name", "img_size", "patch_size", "embed_dim",
-                                                     "depth", "num_heads", "num_classes")},
+                                                     "depth", "num_heads", "num_classes",
+                                                     "compile")},
         "micro_batch_size": cfg.deepspeed.micro_batch_size,
         "global_batch": global_batch(cfg, dist.world_size),
         "steps": opts.steps,

@@ -68,7 +68,10 @@ def test_one_process_json(tmp_path):
         for k in STAGE_KEYS:
             assert k in r[s], (s, k)
         assert len(r[s]["step_times_s"]) == 2
+        # The first step is timed on its own: a compiled model's compilation.
+        assert r[s]["first_step_s"] > 0
     assert r["world_size"] == 1 and r["nodes"] == 1 and r["global_batch"] == 4
+    assert r["model"]["compile"] is False
     # The default map: Algorithm 2 over every tracked layer of the 2 blocks.
     ranks = r["rank_map"]["ranks"]
     assert len(ranks) == 8 and set(ranks.values()) <= {2, 4, 8}
