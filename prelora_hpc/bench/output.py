@@ -155,6 +155,11 @@ def _format_peer(r: dict[str, Any]) -> list[str]:
             q = r.get(ratio_key) if ratio_key else ratio(ours[key], theirs[key])
             lines.append(f"{f'stage {k[-1]} {label}':38}{_fmt(ours[key], kind):>12}"
                          f"{_fmt(theirs[key], kind):>12}{(f'{q:.3f}' if q is not None else ''):>12}")
+        il = theirs.get("interleaved")
+        if il:
+            lines.append(f"{f'stage {k[-1]} step, interleaved':38}"
+                         f"{_fmt(il['ours_step_time_s'], 's'):>12}"
+                         f"{_fmt(il['peer_step_time_s'], 's'):>12}{il['ratio']:>12.3f}")
     return lines
 
 
@@ -195,7 +200,9 @@ def format_markdown(r: dict[str, Any]) -> str:
     for label, key in (("stage 3 / stage 1", "step_time_ratio"),
                        ("stage 3 / floor", "stage3_over_floor"),
                        ("stage 1 ours / peer", "stage1_over_peer"),
-                       ("stage 3 ours / peer", "stage3_over_peer")):
+                       ("stage 3 ours / peer", "stage3_over_peer"),
+                       ("stage 1 ours / peer, steps interleaved", "stage1_over_peer_interleaved"),
+                       ("stage 3 ours / peer, steps interleaved", "stage3_over_peer_interleaved")):
         if r.get(key) is not None:
             lines.append(f"- {label}: **{r[key]:.3f}**")
     return "\n".join(lines) + "\n"

@@ -266,6 +266,37 @@ class DDPPeer:
         release_free_memory()
 
 
+def interleaved_over_peer(ctx: Ctx, config: str) -> dict[str, Any]:
+    """Ours and the DDP peer on ``config``, both built at once and stepped
+    alternately (the order swapped every round), ``ctx.opts.steps`` rounds:
+    ours / peer of the median step times. Drift of a shared machine between
+    two timing blocks (which ``run_stage`` and ``run_peer`` each are) moves
+    both equally here, so this is the ratio to quote."""
+    cfg, dist = ctx.cfg, ctx.dist
+    model = build_config_model(ctx, config)
+    engine = build_engine(model, cfg, dist)
+    step = TrainStep(engine, dist.device, ctx.precision, cfg.optim.label_smoothing)
+    peer = DDPPeer(ctx, config)
+    x, y = ctx.batch
+    ours_times, peer_times = [], []
+    try:
+        for _ in range(max(1, ctx.opts.warmup)):
+            step(x, y)
+            peer.step()
+        for i in range(ctx.opts.steps):
+            pair = ((ours_times, lambda: step(x, y)), (peer_times, peer.step))
+            for times, fn in (pair if i % 2 == 0 else pair[::-1]):
+                times += timed(dist, fn, 1)
+    finally:
+        peer.close()
+        destroy_engine(engine)
+        del engine, model
+        release_free_memory()
+    ours, theirs = statistics.median(ours_times), statistics.median(peer_times)
+    return {"ours_step_time_s": ours, "peer_step_time_s": theirs, "ratio": ratio(ours, theirs),
+            "rounds": ctx.opts.steps}
+
+
 def run_peer(ctx: Ctx, config: str) -> dict[str, Any]:
     """Time ``config`` ('stage1' or 'stage3') under the DDP peer exactly as
     ``run_stage`` times our engine: the same warm-up, ``probes.timed``,
@@ -418,12 +449,14 @@ def run(cfg: Config, dist, rank_map: dict[str, int], rank_map_source: str, opts:
         stages[f"stage{stage}"] = run_stage(ctx, stage)
         if opts.peer:
             peer[f"stage{stage}"] = run_peer(ctx, f"stage{stage}")
+            peer[f"stage{stage}"]["interleaved"] = interleaved_over_peer(ctx, f"stage{stage}")
     result.update(stages)
     s1, s3 = stages.get("stage1"), stages.get("stage3")
     # The ratios are always there (None where not measured): a stable schema.
     for k in ("step_time_ratio", "compute_time_ratio", "grad_bytes_ratio", "allreduce_bytes_ratio",
               "peak_memory_ratio", "trainable_fraction", "optimizer_state_ratio",
               "stage1_over_peer", "stage3_over_peer", "stage1_compute_over_peer",
+              "stage1_over_peer_interleaved", "stage3_over_peer_interleaved",
               "stage3_compute_over_peer", "stage3_over_floor", "stage3_above_floor_s"):
         result[k] = None
     result["floor"] = floor
@@ -432,6 +465,7 @@ def run(cfg: Config, dist, rank_map: dict[str, int], rank_map_source: str, opts:
         result[f"{name}_over_peer"] = ratio(stages[name]["step_time_s"], peer[name]["step_time_s"])
         result[f"{name}_compute_over_peer"] = ratio(stages[name]["compute_time_s"],
                                                     peer[name]["compute_time_s"])
+        result[f"{name}_over_peer_interleaved"] = peer[name]["interleaved"]["ratio"]
     if floor is not None and s3 is not None:
         result["stage3_over_floor"] = ratio(s3["step_time_s"], floor["step_time_s"])
         result["stage3_above_floor_s"] = s3["step_time_s"] - floor["step_time_s"]

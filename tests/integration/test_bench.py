@@ -117,6 +117,10 @@ def check_peer_and_floor(r: dict) -> None:
         assert len(theirs["warmup_losses"]) == len(ours["warmup_losses"]) == 2
         assert theirs["warmup_losses"] == pytest.approx(ours["warmup_losses"], rel=1e-5)
         assert r[f"{s}_over_peer"] == pytest.approx(ours["step_time_s"] / theirs["step_time_s"])
+        il = theirs["interleaved"]
+        assert il["rounds"] == r["steps"] and il["ours_step_time_s"] > 0
+        assert r[f"{s}_over_peer_interleaved"] == pytest.approx(
+            il["ours_step_time_s"] / il["peer_step_time_s"])
     # Stage 3's DDP holds no frozen tensor; stage 1's has none to hold.
     assert peer["stage3"]["frozen_tensors"] > 0 and peer["stage1"]["frozen_tensors"] == 0
     fl = r["floor"]
@@ -147,7 +151,8 @@ def test_ddp_peer_and_floor_one_process(tmp_path):
 def test_no_floor_and_no_peer_keep_the_schema(tmp_path):
     r = run_bench(tmp_path, "--steps", "1", "--warmup", "1", "--no-checks", "--no-floor")
     assert r["floor"] is None and r["peer"] is None
-    for k in ("stage1_over_peer", "stage3_over_peer", "stage3_over_floor", "stage3_above_floor_s"):
+    for k in ("stage1_over_peer", "stage3_over_peer", "stage1_over_peer_interleaved",
+              "stage3_over_peer_interleaved", "stage3_over_floor", "stage3_above_floor_s"):
         assert r[k] is None, k
 
 
