@@ -97,8 +97,12 @@ class LoRALinear(nn.Module):
         if self.merged:
             return result
         x = x.to(self.lora_A.weight.dtype)
-        # Two thin matmuls through rank r; B @ A is never formed here.
-        lora = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # Two thin matmuls through rank r; B @ A is never formed here. The
+        # scale multiplies the [..., r] intermediate, not the [..., out]
+        # result: one full-size multiply fewer each way. B (s h) = s (B h):
+        # bit for bit when the scale is a power of two (alpha / r with both
+        # powers of two, the usual choice), to rounding otherwise.
+        lora = self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)
         return (result + lora).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:

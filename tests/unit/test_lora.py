@@ -294,3 +294,26 @@ def test_freeze_base_selects_by_type_and_exact_name_not_substring(lora_vit):
                   "heads_extra.weight", "blocks.1.head.weight"):
         assert decoy not in trainable
     assert {"pos_embed", "cls_token", "head.weight", "norm.weight"} <= trainable
+
+
+@pytest.mark.parametrize("r,alpha,exact", [(8, 16.0, True), (16, 16.0, True), (4, 16.0, True),
+                                           (6, 16.0, False)])
+def test_forward_is_the_peft_formula_bit_for_bit_at_power_of_two_scales(r, alpha, exact):
+    """The layer scales the rank-r intermediate, B (s A x), where PEFT
+    writes s B (A x): the same outputs and gradients, bit for bit when
+    s = alpha / r is a power of two, to float rounding otherwise."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(96, 288), r=r, alpha=alpha)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(4, 17, 96, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    out = layer(x)
+    ref = layer.base_layer(ref_x) + layer.lora_B(layer.lora_A(ref_x)) * layer.scaling
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, layer.lora_A.weight, layer.lora_B.weight], g)
+    ref_grads = torch.autograd.grad(ref, [ref_x, layer.lora_A.weight, layer.lora_B.weight], g)
+    for a, b in [(out, ref), *zip(grads, ref_grads)]:
+        if exact:
+            assert torch.equal(a, b)
+        else:
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max()
