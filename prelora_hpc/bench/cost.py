@@ -173,13 +173,17 @@ def allreduce_time(nbytes: float, ranks: int, bandwidth_gbps: float, latency_s: 
 
 
 def project(stage: dict[str, Any], micro_batch: int, bandwidth_gbps: float, latency_s: float,
-            gpus_per_node: int = GPUS_PER_NODE, nodes: list[int] = PROJECTION_NODES) -> list[dict]:
+            gpus_per_node: int = GPUS_PER_NODE, nodes: list[int] = PROJECTION_NODES,
+            overlap: float = 0.0) -> list[dict]:
     """Projected weak scaling of one stage (fixed micro batch per GPU).
 
     ``stage`` holds ``compute_time_s`` (s), ``allreduce_bytes_per_step`` and
-    ``allreduce_calls_per_step``. step(N) = compute + all-reduce(N), with no
-    overlap of the two (DeepSpeed ZeRO 0/1 reduce after the backward pass).
-    Efficiency is images/s per GPU relative to one node.
+    ``allreduce_calls_per_step``. step(N) = compute + (1 - overlap) x
+    all-reduce(N): ``overlap`` is the fraction of the all-reduce hidden
+    behind the backward pass. DeepSpeed ZeRO 0 (and ZeRO 1/2 without
+    ``overlap_comm``) reduces after the backward pass: 0. DDP's bucketed
+    reduction hides part of it: ``hidden_fraction`` measures how much, on
+    the ranks at hand. Efficiency is images/s per GPU relative to one node.
     """
     compute = stage["compute_time_s"]
     rows = []
@@ -188,10 +192,20 @@ def project(stage: dict[str, Any], micro_batch: int, bandwidth_gbps: float, late
         g = n * gpus_per_node
         comm = allreduce_time(stage["allreduce_bytes_per_step"], g, bandwidth_gbps, latency_s,
                               stage["allreduce_calls_per_step"])
-        step = compute + comm
+        step = compute + (1.0 - overlap) * comm
         ips = g * micro_batch / step
         if base is None:
             base = ips / g
         rows.append({"nodes": n, "gpus": g, "step_time_s": step, "comm_time_s": comm,
-                     "images_per_s": ips, "efficiency": ips / g / base})
+                     "hidden_comm_s": overlap * comm, "images_per_s": ips,
+                     "efficiency": ips / g / base})
     return rows
+
+
+def hidden_fraction(step_s: float, compute_s: float, comm_s: float) -> float:
+    """The share of an all-reduce of modelled ``comm_s`` seconds that a
+    measured step of ``step_s`` hid behind its ``compute_s`` of compute:
+    (compute + comm - step) / comm, within [0, 1]."""
+    if comm_s <= 0:
+        return 0.0
+    return min(1.0, max(0.0, (compute_s + comm_s - step_s) / comm_s))

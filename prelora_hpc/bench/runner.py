@@ -31,8 +31,8 @@ from ..memory import PeakMemory, release_free_memory
 from ..model import build_model, count_parameters
 from ..step import TrainStep
 from .checks import bf16_probe, stage_checks
-from .cost import (GPUS_PER_NODE, adapter_parameter_count, allreduce_time, floor_model, project,
-                   ratio, stage3_model)
+from .cost import (GPUS_PER_NODE, adapter_parameter_count, allreduce_time, floor_model,
+                   hidden_fraction, project, ratio, stage3_model)
 from .probes import (barrier, grad_allreduce_bytes, logged_comm_step, network_model,
                      optimizer_state_bytes, reduce, sync, timed)
 
@@ -493,8 +493,10 @@ def run(cfg: Config, dist, rank_map: dict[str, int], rank_map_source: str, opts:
                             cfg.deepspeed.micro_batch_size}
     for name, s in stages.items():
         if s["compute_time_s"] is not None:
+            # Ours reduces after the backward pass (ZeRO 0): nothing hidden.
             result["projection"][name] = project(s, cfg.deepspeed.micro_batch_size,
-                                                 net["bandwidth_gbps"], net["latency_s"])
+                                                 net["bandwidth_gbps"], net["latency_s"],
+                                                 overlap=0.0)
     if dist.world_size > 1 and "measured" in net and any(
             s["compute_time_s"] is not None for s in stages.values()):
         m = net["measured"]
@@ -507,6 +509,18 @@ def run(cfg: Config, dist, rank_map: dict[str, int], rank_map_source: str, opts:
             projected = s["compute_time_s"] + comm
             check[name] = {"measured_step_s": s["step_time_s"], "compute_s": s["compute_time_s"],
                            "projected_comm_s": comm, "projected_step_s": projected,
-                           "error": projected / s["step_time_s"] - 1}
+                           "overlap": 0.0, "error": projected / s["step_time_s"] - 1,
+                           # The same term measured on our step: 0 if the model holds.
+                           "hidden_fraction": hidden_fraction(s["step_time_s"],
+                                                              s["compute_time_s"], comm)}
+            theirs = peer.get(name)
+            if theirs is not None:
+                # DDP overlaps its bucketed all-reduce with the backward pass:
+                # how much of the same modelled all-reduce its step hid.
+                check[f"peer_{name}"] = {
+                    "measured_step_s": theirs["step_time_s"], "compute_s": theirs["compute_time_s"],
+                    "projected_comm_s": comm,
+                    "hidden_fraction": hidden_fraction(theirs["step_time_s"],
+                                                       theirs["compute_time_s"], comm)}
         result["projection_check"] = check
     return result

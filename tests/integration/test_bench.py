@@ -191,6 +191,8 @@ def test_two_ranks_json_and_scaling_row(tmp_path):
     for s in ("stage1", "stage3"):
         c = r["projection_check"][s]
         assert c["projected_step_s"] == pytest.approx(c["compute_s"] + c["projected_comm_s"])
+        assert c["overlap"] == 0.0 and 0.0 <= c["hidden_fraction"] <= 1.0
+        assert 0.0 <= r["projection_check"][f"peer_{s}"]["hidden_fraction"] <= 1.0
         assert r[s]["compute_time_s"] is not None
     for stage in (1, 3):
         row = json.loads((rows / f"weak-{stage}-n2.json").read_text())

@@ -14,8 +14,9 @@ import pytest
 import torch.nn as nn
 
 from prelora_hpc.bench import main
-from prelora_hpc.bench.cost import (PROJECTION_NODES, allreduce_time, count_only, load_rank_map,
-                                    project, representative_rank_map, ring_allreduce_traffic)
+from prelora_hpc.bench.cost import (PROJECTION_NODES, allreduce_time, count_only, hidden_fraction,
+                                    load_rank_map, project, representative_rank_map,
+                                    ring_allreduce_traffic)
 from prelora_hpc.bench.output import format_count, scaling_row
 from prelora_hpc.bench.presets import BENCH_FIXED, load_preset, preset_names
 from prelora_hpc.config import ConfigError, load_config
@@ -134,6 +135,14 @@ def test_ring_model_arithmetic():
     assert rows[0]["efficiency"] == 1.0
     assert rows[0]["images_per_s"] == pytest.approx(4 * 16 / (0.1 + 2 * 3 / 4 * 8e9 / 2e11))
     assert rows[1]["efficiency"] < 1.0 and rows[2]["efficiency"] < rows[1]["efficiency"]
+    # The overlap term: the hidden share of the all-reduce leaves the step.
+    comm = rows[1]["comm_time_s"]
+    half = project(stage, 16, 200.0, 0.0, gpus_per_node=4, nodes=[2], overlap=0.5)[0]
+    assert half["step_time_s"] == pytest.approx(0.1 + 0.5 * comm)
+    assert half["hidden_comm_s"] == pytest.approx(0.5 * comm)
+    assert hidden_fraction(0.1 + comm, 0.1, comm) == 0.0
+    assert hidden_fraction(0.1 + 0.25 * comm, 0.1, comm) == pytest.approx(0.75)
+    assert hidden_fraction(0.05, 0.1, comm) == 1.0 and hidden_fraction(0.5, 0.1, 0.0) == 0.0
     default = project(stage, 16, 200.0, 0.0)
     assert [row["nodes"] for row in default] == PROJECTION_NODES
     assert [row["gpus"] for row in default] == [4 * n for n in PROJECTION_NODES]
