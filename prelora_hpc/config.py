@@ -281,6 +281,12 @@ class DeepSpeedConfig:
     """'auto': bf16 on a GPU that supports it, fp32 on the CPU."""
     gradient_clipping: float = 1.0
     """Global gradient-norm clip (set explicitly: DeepSpeed's default moved)."""
+    overlap_comm: Literal["auto", True, False] = "auto"
+    """ZeRO 1/2: reduce gradients in buckets during the backward pass
+    (DeepSpeed's overlap_comm) instead of after it. 'auto': on a GPU (NCCL
+    overlaps on the network), not on the CPU, where gloo's threads take the
+    cores the backward pass needs (docs/benchmarks.md has the numbers).
+    ZeRO 0 always reduces after the backward pass."""
     extra: dict = field(default_factory=dict)
     """Further DeepSpeed config keys, merged last (e.g. comms_logger)."""
 

@@ -64,8 +64,10 @@ def global_batch(cfg: Config, world_size: int) -> int:
     return product
 
 
-def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
-    """The DeepSpeed JSON config, derived from the run's YAML (one source of truth)."""
+def deepspeed_config(cfg: Config, world_size: int, precision: str,
+                     device_type: str = "cpu") -> dict:
+    """The DeepSpeed JSON config, derived from the run's YAML (one source of
+    truth), for ranks on ``device_type`` ('cuda' or 'cpu')."""
     ds = cfg.deepspeed
     out = {
         "train_batch_size": global_batch(cfg, world_size),
@@ -81,9 +83,12 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
     elif precision == "fp16":
         out["fp16"] = {"enabled": True, "initial_scale_power": 16}
     if ds.zero_stage > 0:
-        # Frozen base weights must not enter ZeRO's flat buffers.
+        overlap = device_type == "cuda" if ds.overlap_comm == "auto" else bool(ds.overlap_comm)
+        # Only parameters with requires_grad get ZeRO's gradient hooks (0.17.6
+        # and 0.19.8 alike), so frozen base weights never enter its buckets,
+        # overlapped or not.
         out["zero_optimization"].update(
-            {"overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": 5e7})
+            {"overlap_comm": overlap, "contiguous_gradients": True, "reduce_bucket_size": 5e7})
     out.update(ds.extra)
     return out
 
@@ -339,7 +344,7 @@ def build_engine(model: nn.Module, cfg: Config, dist: DistInfo):
     import deepspeed
 
     precision = resolve_precision(cfg, dist.device)
-    ds_cfg = deepspeed_config(cfg, dist.world_size, precision)
+    ds_cfg = deepspeed_config(cfg, dist.world_size, precision, dist.device.type)
     o = cfg.optim
     groups = param_groups(model, o.weight_decay, cfg.lora.lr_scale, cfg.lora.lr_ratio_b)
     # A client torch AdamW: no JIT-built fused kernel on the CPU, and the

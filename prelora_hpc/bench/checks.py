@@ -152,7 +152,7 @@ def bf16_probe(ctx: "Ctx") -> dict[str, Any]:
     torch.manual_seed(cfg.run.seed)
     model = stage3_model(cfg, ctx.rank_map).to(ctx.dist.device)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    ds_cfg = deepspeed_config(cfg, ctx.dist.world_size, "bf16")
+    ds_cfg = deepspeed_config(cfg, ctx.dist.world_size, "bf16", ctx.dist.device.type)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
     try:
