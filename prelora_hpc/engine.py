@@ -16,7 +16,6 @@ import contextlib
 import gc
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .memory import peak_memory_bytes, reset_peak_memory  # noqa: F401  (the trainer reads them here)
 from .records import Record, json_safe, read_records
 
 

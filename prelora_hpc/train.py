@@ -35,7 +35,7 @@ from .engine import (build_engine, current_lr, destroy_engine, extract_state, gl
 from .evaluate import evaluate
 from .launch import DistInfo, StopSignal
 from .lora import lora_modules
-from .metrics import peak_memory_bytes, reset_peak_memory
+from .memory import peak_memory_bytes, reset_peak_memory
 from .model import build_model, count_parameters
 from .runlog import RunLog
 from .stages import Decision, SwitchParams, SwitchPolicy, WindowStats, shape_for_stage, stage_name

@@ -147,7 +147,7 @@ def _format_peer(r: dict[str, Any]) -> list[str]:
     """The peer's rows: our stage beside the same stage under DDP."""
     peer = r["peer"]
     auto = next((v["autocast"] for k, v in peer.items() if isinstance(v, dict)), None)
-    lines = ["", f"peer: torch DDP + torch AdamW on the same model, batch and ranks"
+    lines = ["", "peer: torch DDP + torch AdamW on the same model, batch and ranks"
                  + (f" (fp32 weights, autocast {auto})" if auto else "")
                  + "; stage 3's DDP reduces the trainable gradients only",
              f"{'':38}{'ours':>12}{'DDP':>12}{'ours / DDP':>12}"]
