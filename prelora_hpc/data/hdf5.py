@@ -151,6 +151,7 @@ class HDF5ImageDataset(torch.utils.data.Dataset):
         self._offsets = np.cumsum([0] + [len(x) for x in shard_labels])
         self.bad_samples = 0
         self._handles: dict[int, h5py.File] = {}
+        self._images: dict[int, h5py.Dataset] = {}
         self._pid: Optional[int] = None
 
     @property
@@ -162,7 +163,7 @@ class HDF5ImageDataset(torch.utils.data.Dataset):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_handles"], state["_pid"] = {}, None
+        state["_handles"], state["_images"], state["_pid"] = {}, {}, None
         return state
 
     def close(self) -> None:
@@ -170,16 +171,22 @@ class HDF5ImageDataset(torch.utils.data.Dataset):
         if self._pid == os.getpid():
             for h in self._handles.values():
                 h.close()
-        self._handles, self._pid = {}, None
+        self._handles, self._images, self._pid = {}, {}, None
 
     def _handle(self, shard: int) -> h5py.File:
         if self._pid != os.getpid():
             # Handles inherited across a fork are unusable here; the parent
             # keeps its own.
-            self._handles, self._pid = {}, os.getpid()
+            self._handles, self._images, self._pid = {}, {}, os.getpid()
         if shard not in self._handles:
             self._handles[shard] = _open(self.files[shard])
         return self._handles[shard]
+
+    def _images_of(self, shard: int) -> h5py.Dataset:
+        # Kept open: two group lookups per sample cost a third of reading it.
+        if self._pid != os.getpid() or shard not in self._images:
+            self._images[shard] = self._handle(shard)[self.split]["images"]
+        return self._images[shard]
 
     def _locate(self, index: int) -> tuple[int, int]:
         """(shard number, index inside that shard) of global ``index``."""
@@ -190,7 +197,7 @@ class HDF5ImageDataset(torch.utils.data.Dataset):
         """Decode sample ``index`` as an RGB image; DataError names file, split and index."""
         shard, local = self._locate(index)
         try:
-            data = self._handle(shard)[self.split]["images"][local].tobytes()
+            data = self._images_of(shard)[local].tobytes()
             with Image.open(io.BytesIO(data)) as im:
                 return im.convert("RGB")
         except (FileNotFoundError, DataError):
