@@ -298,22 +298,79 @@ def test_freeze_base_selects_by_type_and_exact_name_not_substring(lora_vit):
 
 @pytest.mark.parametrize("r,alpha,exact", [(8, 16.0, True), (16, 16.0, True), (4, 16.0, True),
                                            (6, 16.0, False)])
-def test_forward_is_the_peft_formula_bit_for_bit_at_power_of_two_scales(r, alpha, exact):
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_is_the_peft_formula_bit_for_bit_at_power_of_two_scales(r, alpha, exact, bias):
     """The layer scales the rank-r intermediate, B (s A x), where PEFT
-    writes s B (A x): the same outputs and gradients, bit for bit when
-    s = alpha / r is a power of two, to float rounding otherwise."""
+    writes s B (A x): the same output bit for bit when s = alpha / r is a
+    power of two, to float rounding otherwise. Its backward computes the
+    rank-r products in another orientation, so the gradients agree to
+    float rounding."""
     torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(96, 288), r=r, alpha=alpha)
+    layer = LoRALinear(nn.Linear(96, 288, bias=bias), r=r, alpha=alpha)
     nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(4, 17, 96, requires_grad=True)
     ref_x = x.detach().clone().requires_grad_(True)
     out = layer(x)
     ref = layer.base_layer(ref_x) + layer.lora_B(layer.lora_A(ref_x)) * layer.scaling
+    if exact:
+        assert torch.equal(out, ref)
+    else:
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
     g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [x, layer.lora_A.weight, layer.lora_B.weight], g)
-    ref_grads = torch.autograd.grad(ref, [ref_x, layer.lora_A.weight, layer.lora_B.weight], g)
-    for a, b in [(out, ref), *zip(grads, ref_grads)]:
-        if exact:
-            assert torch.equal(a, b)
-        else:
-            assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    params = [layer.lora_A.weight, layer.lora_B.weight] + ([layer.base_layer.bias] if bias else [])
+    grads = torch.autograd.grad(out, [x, *params], g)
+    ref_grads = torch.autograd.grad(ref, [ref_x, *params], g)
+    for a, b in zip(grads, ref_grads):
+        assert a.shape == b.shape and a.is_contiguous()
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def _reference(layer, x):
+    """PEFT's formula through the child modules, autograd's own backward."""
+    return layer.base_layer(x) + layer.lora_B(layer.lora_A(layer.lora_dropout(x))) * layer.scaling
+
+
+@pytest.mark.parametrize("dropout,base_trains", [(0.0, True), (0.25, False), (0.25, True)])
+def test_fused_layer_trains_like_the_formula_with_dropout_and_a_training_base(dropout, base_trains):
+    """Stage 2 trains the base weight beside the adapters, and dropout gives
+    the branch its own input: the one-node layer's output and every gradient
+    (x, W, b, A, B) match autograd through PEFT's formula, with the same
+    dropout mask."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(48, 80), r=8, alpha=16.0, dropout=dropout)
+    nn.init.normal_(layer.lora_B.weight)
+    layer.base_layer.weight.requires_grad_(base_trains)
+    layer.train()
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    torch.manual_seed(1)
+    out = layer(x)
+    torch.manual_seed(1)
+    ref = _reference(layer, x)
+    assert (out - ref).abs().max() <= 1e-6 * ref.abs().max()
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, [x, *params], g),
+                    torch.autograd.grad(ref, [x, *params], g)):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_fused_layer_under_autocast_computes_in_the_autocast_dtype():
+    """Under autocast (the DDP peer's bf16) every operand is cast as F.linear
+    would be: the output is bf16, the gradients come back in each
+    parameter's own dtype, and they match the formula run under the same
+    autocast to bf16 precision."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(32, 64), r=4, alpha=8.0)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(6, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        ref = _reference(layer, x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert (out.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [layer.lora_A.weight, layer.lora_B.weight], g)
+    ref_grads = torch.autograd.grad(ref, [layer.lora_A.weight, layer.lora_B.weight], g)
+    for a, b in zip(grads, ref_grads):
+        assert a.dtype == torch.float32
+        assert (a - b).abs().max() <= 2e-2 * b.abs().max()
