@@ -75,6 +75,14 @@ def format_table(r: dict[str, Any]) -> str:
                      f"{_fmt(fl['compute_time_s'], 's')}"
                      + (f"; stage 3 / floor {over:.3f} ({1e3 * r['stage3_above_floor_s']:+.1f} ms)"
                         if over is not None else ""))
+    il = r.get("interleaved")
+    if il:
+        parts = [f"{c} {_fmt(il[f'{c}_step_time_s'], 's')}" for c in ("stage1", "stage3", "floor")
+                 if f"{c}_step_time_s" in il]
+        lines.append(f"interleaved ({il['rounds']} rounds, the configurations stepped in turn): "
+                     + ", ".join(parts)
+                     + "".join(f"; stage 3 / {o} {il[f'stage3_over_{o}']:.3f}"
+                               for o in ("stage1", "floor") if il.get(f"stage3_over_{o}") is not None))
     if r.get("peer"):
         lines += _format_peer(r)
     if s1 and "bookkeeping" in s1:
@@ -207,6 +215,8 @@ def format_markdown(r: dict[str, Any]) -> str:
     lines.append("")
     for label, key in (("stage 3 / stage 1", "step_time_ratio"),
                        ("stage 3 / floor", "stage3_over_floor"),
+                       ("stage 3 / stage 1, steps interleaved", "step_time_ratio_interleaved"),
+                       ("stage 3 / floor, steps interleaved", "stage3_over_floor_interleaved"),
                        ("stage 1 ours / peer", "stage1_over_peer"),
                        ("stage 3 ours / peer", "stage3_over_peer"),
                        ("stage 1 ours / peer, steps interleaved", "stage1_over_peer_interleaved"),

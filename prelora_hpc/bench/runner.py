@@ -18,7 +18,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -266,27 +266,34 @@ class DDPPeer:
         release_free_memory()
 
 
+def alternate(dist, steps: list[Callable[[], Any]], rounds: int) -> list[list[float]]:
+    """``rounds`` rounds of one timed call of each step (``probes.timed``),
+    the order rotated every round; each step's seconds per call. Drift of a
+    shared machine moves all of them alike, which timing each in its own
+    block does not."""
+    times: list[list[float]] = [[] for _ in steps]
+    for i in range(rounds):
+        k = i % len(steps)
+        for j in list(range(k, len(steps))) + list(range(k)):
+            times[j] += timed(dist, steps[j], 1)
+    return times
+
+
 def interleaved_over_peer(ctx: Ctx, config: str) -> dict[str, Any]:
     """Ours and the DDP peer on ``config``, both built at once and stepped
-    alternately (the order swapped every round), ``ctx.opts.steps`` rounds:
-    ours / peer of the median step times. Drift of a shared machine between
-    two timing blocks (which ``run_stage`` and ``run_peer`` each are) moves
-    both equally here, so this is the ratio to quote."""
+    alternately (``alternate``), ``ctx.opts.steps`` rounds: ours / peer of
+    the median step times. This is the ratio to quote."""
     cfg, dist = ctx.cfg, ctx.dist
     model = build_config_model(ctx, config)
     engine = build_engine(model, cfg, dist)
     step = TrainStep(engine, dist.device, ctx.precision, cfg.optim.label_smoothing)
     peer = DDPPeer(ctx, config)
     x, y = ctx.batch
-    ours_times, peer_times = [], []
     try:
         for _ in range(max(1, ctx.opts.warmup)):
             step(x, y)
             peer.step()
-        for i in range(ctx.opts.steps):
-            pair = ((ours_times, lambda: step(x, y)), (peer_times, peer.step))
-            for times, fn in (pair if i % 2 == 0 else pair[::-1]):
-                times += timed(dist, fn, 1)
+        ours_times, peer_times = alternate(dist, [lambda: step(x, y), peer.step], ctx.opts.steps)
     finally:
         peer.close()
         destroy_engine(engine)
@@ -295,6 +302,40 @@ def interleaved_over_peer(ctx: Ctx, config: str) -> dict[str, Any]:
     ours, theirs = statistics.median(ours_times), statistics.median(peer_times)
     return {"ours_step_time_s": ours, "peer_step_time_s": theirs, "ratio": ratio(ours, theirs),
             "rounds": ctx.opts.steps}
+
+
+def interleaved_stages(ctx: Ctx, configs: list[str]) -> dict[str, Any]:
+    """Our engines for ``configs`` ('stage1', 'stage3', 'floor'), all built
+    at once and stepped alternately (``alternate``), ``ctx.opts.steps``
+    rounds: each one's median step time, and stage 3 over stage 1 and over
+    the floor of those medians. The block-timed ratios of ``run_stage``
+    drift by 10-20 % on a shared machine; these are the ones to quote."""
+    cfg, dist = ctx.cfg, ctx.dist
+    x, y = ctx.batch
+    engines, steps = [], []
+    try:
+        for config in configs:
+            engine = build_engine(build_config_model(ctx, config), cfg, dist)
+            engines.append(engine)
+            steps.append(TrainStep(engine, dist.device, ctx.precision, cfg.optim.label_smoothing))
+        for _ in range(max(1, ctx.opts.warmup)):
+            for step in steps:
+                step(x, y)
+        times = alternate(dist, [lambda s=s: s(x, y) for s in steps], ctx.opts.steps)
+    finally:
+        for engine in engines:
+            destroy_engine(engine)
+        del engines, steps
+        release_free_memory()
+    med = {f"{c}_step_time_s": statistics.median(t) for c, t in zip(configs, times)}
+    out: dict[str, Any] = {"rounds": ctx.opts.steps, **med,
+                           "stage3_over_stage1": None, "stage3_over_floor": None}
+    if "stage3" in configs:
+        for other in ("stage1", "floor"):
+            if other in configs:
+                out[f"stage3_over_{other}"] = ratio(med["stage3_step_time_s"],
+                                                    med[f"{other}_step_time_s"])
+    return out
 
 
 def run_peer(ctx: Ctx, config: str) -> dict[str, Any]:
@@ -452,12 +493,16 @@ def run(cfg: Config, dist, rank_map: dict[str, int], rank_map_source: str, opts:
             peer[f"stage{stage}"]["interleaved"] = interleaved_over_peer(ctx, f"stage{stage}")
     result.update(stages)
     s1, s3 = stages.get("stage1"), stages.get("stage3")
+    configs = [c for c, on in (("stage1", s1 is not None), ("stage3", s3 is not None),
+                               ("floor", floor is not None)) if on]
+    result["interleaved"] = interleaved_stages(ctx, configs) if len(configs) > 1 else None
     # The ratios are always there (None where not measured): a stable schema.
     for k in ("step_time_ratio", "compute_time_ratio", "grad_bytes_ratio", "allreduce_bytes_ratio",
               "peak_memory_ratio", "trainable_fraction", "optimizer_state_ratio",
               "stage1_over_peer", "stage3_over_peer", "stage1_compute_over_peer",
               "stage1_over_peer_interleaved", "stage3_over_peer_interleaved",
-              "stage3_compute_over_peer", "stage3_over_floor", "stage3_above_floor_s"):
+              "stage3_compute_over_peer", "stage3_over_floor", "stage3_above_floor_s",
+              "step_time_ratio_interleaved", "stage3_over_floor_interleaved"):
         result[k] = None
     result["floor"] = floor
     result["peer"] = dict(peer, kind=opts.peer) if opts.peer else None
@@ -466,6 +511,9 @@ def run(cfg: Config, dist, rank_map: dict[str, int], rank_map_source: str, opts:
         result[f"{name}_compute_over_peer"] = ratio(stages[name]["compute_time_s"],
                                                     peer[name]["compute_time_s"])
         result[f"{name}_over_peer_interleaved"] = peer[name]["interleaved"]["ratio"]
+    if result["interleaved"] is not None:
+        result["step_time_ratio_interleaved"] = result["interleaved"]["stage3_over_stage1"]
+        result["stage3_over_floor_interleaved"] = result["interleaved"]["stage3_over_floor"]
     if floor is not None and s3 is not None:
         result["stage3_over_floor"] = ratio(s3["step_time_s"], floor["step_time_s"])
         result["stage3_above_floor_s"] = s3["step_time_s"] - floor["step_time_s"]

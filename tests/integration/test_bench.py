@@ -131,6 +131,13 @@ def check_peer_and_floor(r: dict) -> None:
     # Same initial base, same batch: the first loss is the same model's.
     assert fl["warmup_losses"][0] == pytest.approx(r["stage3"]["warmup_losses"][0], rel=1e-6)
     assert r["stage3_over_floor"] == pytest.approx(r["stage3"]["step_time_s"] / fl["step_time_s"])
+    # Stage 1, stage 3 and the floor stepped in turn: the ratios to quote.
+    il = r["interleaved"]
+    assert il["rounds"] == r["steps"]
+    assert r["step_time_ratio_interleaved"] == il["stage3_over_stage1"] == pytest.approx(
+        il["stage3_step_time_s"] / il["stage1_step_time_s"])
+    assert r["stage3_over_floor_interleaved"] == il["stage3_over_floor"] == pytest.approx(
+        il["stage3_step_time_s"] / il["floor_step_time_s"])
 
 
 def test_ddp_peer_and_floor_one_process(tmp_path):
@@ -143,6 +150,8 @@ def test_ddp_peer_and_floor_one_process(tmp_path):
     assert len(rows) == 5
     assert rows[0].startswith("| stage 1 (ours) |") and rows[0].endswith("| 1.000 |")
     assert f"stage 1 ours / peer: **{r['stage1_over_peer']:.3f}**" in md.read_text()
+    assert (f"stage 3 / stage 1, steps interleaved: **{r['step_time_ratio_interleaved']:.3f}**"
+            in md.read_text())
     # One rank: nothing to reduce, the step is all compute.
     for s in ("stage1", "stage3"):
         assert r["peer"][s]["compute_time_s"] == r["peer"][s]["step_time_s"]
@@ -165,6 +174,9 @@ def test_rank_map_file_and_single_stage(tmp_path):
     r = run_bench(tmp_path, "--steps", "1", "--warmup", "1", "--stages", "3",
                   "--rank-map", str(f), "--no-checks")
     assert "stage1" not in r and all(r[k] is None for k in RATIO_KEYS)
+    # Stage 3 and its floor stepped in turn; no stage 1 to divide by.
+    assert r["step_time_ratio_interleaved"] is None and r["interleaved"]["stage3_over_stage1"] is None
+    assert r["stage3_over_floor_interleaved"] > 0
     assert r["stage3"]["trainable_params"] == expected_stage3(rank_map)
     assert r["stage3"]["grad_bytes"] == 4 * expected_stage3(rank_map)
     assert r["rank_map"]["source"] == str(f)
@@ -202,3 +214,24 @@ def test_two_ranks_json_and_scaling_row(tmp_path):
         assert row["allreduce_bytes_per_step"] == r[f"stage{stage}"]["allreduce_bytes_per_step"]
         assert row["images_per_s"] == pytest.approx(8 / row["step_time_s"])
         assert row["images_per_s_per_gpu"] == pytest.approx(row["images_per_s"] / 2)
+
+
+@pytest.mark.mpi
+def test_zero3_stage3_trains_the_adapters_as_ddp_does(tmp_path):
+    """Under ZeRO-3, with every weight partitioned, the fused LoRA layer
+    reads gathered weights (the engine marks LoRA layers as DeepSpeed leaf
+    modules): stage 3's losses over the warm-up steps, which update the
+    adapters, are the DDP peer's, which holds every weight whole."""
+    out = tmp_path / "bench.json"
+    run_mpi([sys.executable, "-m", "prelora_hpc.bench", "--preset", "toy", "--stages", "3",
+             "--steps", "1", "--warmup", "4", "--no-floor", "--no-checks", "--peer", "ddp",
+             "--json", str(out), "deepspeed.zero_stage=3",
+             # Partition every weight, however small (the default keeps small
+             # ones whole, which would hide a weight read without its gather).
+             'deepspeed.extra={"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}'],
+            np=2, timeout=600)
+    r = json.loads(out.read_text())
+    assert r["zero_stage"] == 3
+    ours, theirs = r["stage3"]["warmup_losses"], r["peer"]["stage3"]["warmup_losses"]
+    assert len(ours) == 4 and len(set(ours)) == 4  # the adapters trained
+    assert ours == pytest.approx(theirs, rel=1e-6)
