@@ -137,7 +137,8 @@ class StepRecord(Record):
     lr: float
     """Learning rate of the base parameters."""
     images_per_s: float
-    """Images per second over all ranks, over the interval."""
+    """Training images per second over all ranks, over the interval
+    (validation time left out)."""
 
 
 @dataclass(kw_only=True)

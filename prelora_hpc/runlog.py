@@ -34,6 +34,7 @@ class RunLog:
         self.log = Log(rank, cfg.logging.progress)
         self.metrics = MetricsWriter(self.out, self.is_main, cfg.logging.tensorboard)
         self._since, self._samples = time.perf_counter(), 0
+        self._paused_s = 0.0
 
     @property
     def bar_mode(self) -> bool:
@@ -74,6 +75,11 @@ class RunLog:
         if loss is not None:
             self.log.progress(step, total, f"stage {stage} epoch {epoch}", loss=f"{loss:.4f}")
 
+    def not_training(self, seconds: float) -> None:
+        """``seconds`` of the current interval spent off the training step
+        (validation): left out of its images/s."""
+        self._paused_s += seconds
+
     def count_samples(self, n: int) -> None:
         """``n`` more images trained (over all ranks), for the images/s figure."""
         self._samples += n
@@ -81,10 +87,11 @@ class RunLog:
     def step(self, *, step: int, total: int, stage: int, epoch: int, loss: Optional[float],
              lr: float, global_batch: int, trainable: int, peak_memory_bytes: int) -> None:
         """Every ``logging.interval_steps`` optimizer steps (rank 0 calls it):
-        images/s since the last call, and the time left at that rate."""
+        training images/s since the last call (validation left out), and the
+        time left at that rate."""
         now = time.perf_counter()
-        ips = self._samples / max(now - self._since, 1e-9)
-        self._since, self._samples = now, 0
+        ips = self._samples / max(now - self._since - self._paused_s, 1e-9)
+        self._since, self._samples, self._paused_s = now, 0, 0.0
         eta_s = (total - step) * global_batch / max(ips, 1e-9)
         if not self.bar_mode:
             self.info(f"[{stage_name(stage)}] epoch {epoch} step {step}/{total} loss "

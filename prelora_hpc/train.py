@@ -434,7 +434,9 @@ class Trainer:
     def evaluate_and_record(self) -> None:
         """Collective: validate and write the epoch's line, record and summary row."""
         self._last_eval_step = self.p.global_step
+        t0 = time.perf_counter()
         ev = evaluate(self.model, self.loaders.val, self.device)
+        self.log.not_training(time.perf_counter() - t0)
         self.log.epoch(epoch=self.p.epoch, epochs=self.cfg.run.epochs, step=self.p.global_step,
                        stage=self.p.stage, ev=ev, trainable=self.trainable_count(),
                        peak_memory_bytes=peak_memory_bytes(self.device))
