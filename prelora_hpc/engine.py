@@ -12,10 +12,10 @@ trainable, unless ``prelora.reset_optimizer`` asks for fresh moments.
 from __future__ import annotations
 
 import contextlib
-
 import gc
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -210,11 +210,36 @@ def group_parameters(engine) -> list[list[nn.Parameter]]:
     the originals on the wrapper (``bit16_groups``; ``bf16_groups`` in the
     bf16 optimizer), in the same group order (DeepSpeed 0.17.6 and 0.19.8).
     """
+    sub = _zero3_subgroups(engine)
+    if sub is not None:
+        groups: list[list[nn.Parameter]] = [[] for _ in base_optimizer(engine).param_groups]
+        for group, params, _ in sub:
+            groups[group] += params
+        return groups
     for attr in ("bit16_groups", "bf16_groups", "fp16_groups"):
         groups = getattr(engine.optimizer, attr, None)
         if groups:
             return [list(g) for g in groups]
     return [list(g["params"]) for g in base_optimizer(engine).param_groups]
+
+
+def _zero3_subgroups(engine) -> Optional[list[tuple[int, list[nn.Parameter], torch.Tensor]]]:
+    """ZeRO-3's sub-groups as (optimizer group, model parameters, flat fp32
+    partition); None for any other engine.
+
+    ZeRO-3 keys AdamW's state by one flat fp32 partition per sub-group and
+    puts it into the torch optimizer's group only while stepping it (the
+    group's ``params`` is empty in between), so the state and step counts
+    are reached through these (``fp32_partitioned_groups_flat``,
+    ``fp16_groups``, ``sub_group_to_group_id``: DeepSpeed 0.17.6 and
+    0.19.8, read in both).
+    """
+    opt = engine.optimizer
+    flat = getattr(opt, "fp32_partitioned_groups_flat", None)
+    to_group = getattr(opt, "sub_group_to_group_id", None)
+    if not flat or to_group is None:
+        return None
+    return [(to_group[i], list(opt.fp16_groups[i]), flat[i]) for i in range(len(flat))]
 
 
 def _key(name: str) -> str:
@@ -234,13 +259,13 @@ def _materialize_state(engine) -> None:
     engine before its first step.
     """
     base = base_optimizer(engine)
-    for g in base.param_groups:
-        for p in g["params"]:
-            st = base.state[p]
-            if not st:
-                st["step"] = torch.tensor(0.0)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    sub = _zero3_subgroups(engine) or []
+    for p in [p for g in base.param_groups for p in g["params"]] + [f for _, _, f in sub]:
+        st = base.state[p]
+        if not st:
+            st["step"] = torch.tensor(0.0)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:
         engine.optimizer._hp_optimizer_states_linked = False
@@ -252,8 +277,14 @@ def _group_steps(engine) -> list[tuple[list[nn.Parameter], list[dict]]]:
     hold its step count: one per parameter for a torch optimizer, the flat
     partition's under ZeRO."""
     base = base_optimizer(engine)
-    return [(params, [base.state[q] for q in g["params"]])
-            for params, g in zip(group_parameters(engine), base.param_groups)]
+    sub = _zero3_subgroups(engine)
+    if sub is not None:
+        states: list[list[dict]] = [[] for _ in base.param_groups]
+        for group, _, flat in sub:
+            states[group].append(base.state[flat])
+    else:
+        states = [[base.state[q] for q in g["params"]] for g in base.param_groups]
+    return list(zip(group_parameters(engine), states))
 
 
 def extract_state(engine, model: nn.Module) -> CarriedState:

@@ -119,11 +119,12 @@ def test_three_rebuilds_do_not_grow_memory(tmp_path):
         assert growth < 64 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB over rebuilds: {series}"
 
 
-@pytest.mark.parametrize("zero_stage,overlap", [(1, "false"), (2, "true")])
+@pytest.mark.parametrize("zero_stage,overlap", [(1, "false"), (2, "true"), (3, "false")])
 def test_zero_stages_pass_all_stages_and_carry_optimizer_state(tmp_path, zero_stage, overlap):
     """ZeRO 1 reduces after the backward pass, ZeRO 2 here during it
     (overlap_comm, the GPU default): both through every rebuild, the frozen
-    base never in a bucket."""
+    base never in a bucket. ZeRO-3 keeps its AdamW state on flat sub-group
+    partitions outside the optimizer's groups; it is carried too."""
     p = run_mpi(train_cmd(tmp_path, f"deepspeed.zero_stage={zero_stage}", "run.epochs=1",
                           f"deepspeed.overlap_comm={overlap}"))
     assert [s["stage"] for s in read_metrics(tmp_path, "switch")] == [2, 3]
