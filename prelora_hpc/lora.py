@@ -156,12 +156,13 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     the result has the base weight's dtype.
 
     The same arithmetic as ``base(x) + lora_B(lora_A(x) * s)`` (bit for bit
-    forward at power-of-two scales) for less work per call, which at rank 4-16
-    on 96-1024-wide layers is what stage 3 costs above its floor: the
-    branch's add and the sum of the input's two gradients accumulate inside
-    the matmuls (``addmm_``) instead of as full-size passes, one autograd
-    node replaces nine, and the rank-r products run in the orientation the
-    CPU BLAS does fastest (``gy @ B`` with 4 columns is 4x slower there than
+    forward at power-of-two scales, gradients to float rounding) for less
+    work per call, which at rank 4-16 on 96-1024-wide layers is what stage 3
+    costs above its floor: the branch is added into the base output in
+    place, the input's two gradients accumulate inside one matmul
+    (``addmm_``) instead of in a full-size sum, one autograd node replaces
+    nine, and the rank-r products run in the orientation the CPU BLAS does
+    fastest (``gy @ B`` with 4 columns is 4x slower there than
     ``(B^T gy^T)^T``).
     """
     device_type = x.device.type

@@ -29,7 +29,7 @@ from ..engine import (build_engine, destroy_engine, global_batch, resolve_precis
                       trainable_in_engine)
 from ..memory import PeakMemory, release_free_memory
 from ..model import build_model, count_parameters
-from ..step import TrainStep
+from ..step import TrainStep, input_dtype
 from .checks import bf16_probe, stage_checks
 from .cost import (GPUS_PER_NODE, adapter_parameter_count, allreduce_time, floor_model,
                    hidden_fraction, project, ratio, stage3_model)
@@ -238,7 +238,8 @@ class DDPPeer:
             self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
         self.clip = cfg.deepspeed.gradient_clipping
         self.label_smoothing = o.label_smoothing
-        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ctx.precision)
+        # The low-precision dtype our engine's inputs take, as the peer's autocast dtype.
+        self.autocast = input_dtype(ctx.precision)
         # Autocast casts inside the matmuls; the input stays fp32 like the weights.
         self.x, self.y = ctx.batch
 
