@@ -41,6 +41,7 @@ from ..config import DataConfig  # noqa: E402
 from .convert import convert  # noqa: E402
 from .digits import ensure_digits_hdf5  # noqa: E402
 from .hdf5 import HDF5ImageDataset  # noqa: E402
+from .seeding import sample_seed  # noqa: E402
 from .transforms import build_transform  # noqa: E402
 
 
@@ -63,10 +64,15 @@ def loader_rate(ds: torch.utils.data.Dataset, workers: int, batch_size: int, bat
     """Images/s delivered by a DataLoader with ``workers`` workers, after its first batch.
 
     The first batch (worker start-up) is not timed; ``batches`` more are.
+    Each sample comes with its own augmentation seed, ``(index, seed)``, as
+    the trainer's sampler gives them (``ShardedSampler(with_seeds=True)``):
+    the seeding is part of what a training sample costs.
     """
-    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=batch_size * (batches + 1),
+    indices = torch.utils.data.RandomSampler(ds, replacement=True,
+                                             num_samples=batch_size * (batches + 1),
                                              generator=torch.Generator().manual_seed(seed))
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers)
+    keys = [(int(i), sample_seed(seed, 0, k)) for k, i in enumerate(indices)]
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=keys, num_workers=workers)
     it = iter(loader)
     next(it)
     t0 = time.perf_counter()
