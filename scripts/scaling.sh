@@ -176,8 +176,10 @@ launch_opts=(--stop-before 0)
 # prelora-bench's arguments for one (scaling, ranks) run.
 bench_args() {
     local scaling=$1 ranks=$2 gb=$3
+    # A point times what its rows need: no floor, no interleaved round.
     local a=(--preset "$preset" --stages "$stage_csv" --scaling-row "$scaling"
-             --json-row-dir "$out" --json "$out/bench-$scaling-n$ranks.json")
+             --json-row-dir "$out" --json "$out/bench-$scaling-n$ranks.json"
+             --no-floor --no-interleave)
     if [ "$scaling" = weak ]; then a+=(--micro-batch "$per_gpu_batch"); else a+=(--global-batch "$gb"); fi
     [ -z "$steps" ] || a+=(--steps "$steps")
     [ -z "$warmup" ] || a+=(--warmup "$warmup")

@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                    "parameters only); reports ours / peer")
     p.add_argument("--no-floor", action="store_true", help="skip the floor (stage 3 without "
                    "adapters) that stage 3 is reported against")
+    p.add_argument("--no-interleave", action="store_true", help="skip stepping stage 1, stage 3 "
+                   "and the floor in turn (the interleaved ratios, which drift least)")
     p.add_argument("--json", type=Path, help="write the full result as JSON here (rank 0)")
     p.add_argument("--markdown", type=Path, help="write the result as a Markdown table here")
     p.add_argument("--scaling-row", choices=("weak", "strong"),
@@ -171,7 +173,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         ws = cfg.prelora.window_steps if isinstance(cfg.prelora.window_steps, int) else (
             preset.window_steps if preset else None)
     opts = Options(steps=steps, warmup=warmup, stages=stages, window_steps=ws, seed=args.seed,
-                   checks=not args.no_checks, floor=not args.no_floor, peer=args.peer)
+                   checks=not args.no_checks, floor=not args.no_floor, peer=args.peer,
+                   interleave=not args.no_interleave)
 
     dist = launch.init_distributed(cfg.run.collective_timeout_s)
     try:

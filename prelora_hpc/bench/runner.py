@@ -60,6 +60,8 @@ class Options:
     """With stage 3: also time the no-adapter floor (``cost.floor_model``)."""
     peer: Optional[str] = None
     """'ddp': also time each stage under torch DDP with torch AdamW."""
+    interleave: bool = True
+    """Also step stage 1, stage 3 and the floor in turn (``interleaved_stages``)."""
 
 
 @dataclass
@@ -496,7 +498,8 @@ def run(cfg: Config, dist, rank_map: dict[str, int], rank_map_source: str, opts:
     s1, s3 = stages.get("stage1"), stages.get("stage3")
     configs = [c for c, on in (("stage1", s1 is not None), ("stage3", s3 is not None),
                                ("floor", floor is not None)) if on]
-    result["interleaved"] = interleaved_stages(ctx, configs) if len(configs) > 1 else None
+    result["interleaved"] = (interleaved_stages(ctx, configs)
+                             if opts.interleave and len(configs) > 1 else None)
     # The ratios are always there (None where not measured): a stable schema.
     for k in ("step_time_ratio", "compute_time_ratio", "grad_bytes_ratio", "allreduce_bytes_ratio",
               "peak_memory_ratio", "trainable_fraction", "optimizer_state_ratio",

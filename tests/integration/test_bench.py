@@ -158,10 +158,12 @@ def test_ddp_peer_and_floor_one_process(tmp_path):
 
 
 def test_no_floor_and_no_peer_keep_the_schema(tmp_path):
-    r = run_bench(tmp_path, "--steps", "1", "--warmup", "1", "--no-checks", "--no-floor")
-    assert r["floor"] is None and r["peer"] is None
+    r = run_bench(tmp_path, "--steps", "1", "--warmup", "1", "--no-checks", "--no-floor",
+                  "--no-interleave")
+    assert r["floor"] is None and r["peer"] is None and r["interleaved"] is None
     for k in ("stage1_over_peer", "stage3_over_peer", "stage1_over_peer_interleaved",
-              "stage3_over_peer_interleaved", "stage3_over_floor", "stage3_above_floor_s"):
+              "stage3_over_peer_interleaved", "stage3_over_floor", "stage3_above_floor_s",
+              "step_time_ratio_interleaved", "stage3_over_floor_interleaved"):
         assert r[k] is None, k
 
 
