@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 NP ?= 2
 RUN_DIR ?= runs/quickstart
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 export DS_ACCELERATOR ?= cpu
 # DeepSpeed JIT-builds a shared-memory comm op on the CPU; its cache is keyed
 # by the source paths, so two environments sharing ~/.cache/torch_extensions
