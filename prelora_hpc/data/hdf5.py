@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,6 +23,7 @@ from PIL import Image
 from .errors import DataError
 from .layout import DATASETS, FORMAT_VERSION, SHARD_GLOB, SHARD_RE, shard_name
 from .seeding import seeded_rng
+from .transforms import DecodingTransform
 
 ON_BAD_SAMPLE = ("fail", "skip")
 _MAX_SUBSTITUTES = 16  # consecutive bad samples beyond this mean a broken file, not bad luck
@@ -129,6 +131,9 @@ class HDF5ImageDataset(torch.utils.data.Dataset):
 
     path: an .h5 file or a directory of shards (concatenated in order).
     transform: applied to the decoded RGB ``PIL.Image``; None returns the image.
+    A ``DecodingTransform`` (``data.jpeg_draft``) gets the image undecoded:
+    its ``decode`` chooses how to decode it (and its failures are reported
+    like any undecodable image), its ``augment`` does the rest.
     on_bad_sample: 'fail' raises DataError naming file, split and index when
     an image does not decode; 'skip' prints that line, substitutes the next
     decodable sample and counts it in ``bad_samples`` (per process).
@@ -193,13 +198,18 @@ class HDF5ImageDataset(torch.utils.data.Dataset):
         shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
         return shard, index - int(self._offsets[shard])
 
-    def load_image(self, index: int) -> Image.Image:
-        """Decode sample ``index`` as an RGB image; DataError names file, split and index."""
+    def load_image(self, index: int,
+                   decode: Optional[Callable[[Image.Image], Image.Image]] = None) -> Image.Image:
+        """Decode sample ``index`` as an RGB image; DataError names file, split and index.
+
+        decode: turns the opened, not yet decoded image into the RGB image
+        returned (e.g. ``DecodingTransform.decode``); default: a full decode.
+        """
         shard, local = self._locate(index)
         try:
             data = self._images_of(shard)[local].tobytes()
             with Image.open(io.BytesIO(data)) as im:
-                return im.convert("RGB")
+                return decode(im) if decode is not None else im.convert("RGB")
         except (FileNotFoundError, DataError):
             raise  # already name the file
         # PIL (and h5py on a damaged file) raise many types on bad bytes.
@@ -217,18 +227,21 @@ class HDF5ImageDataset(torch.utils.data.Dataset):
         i = index
         for substitutes in range(_MAX_SUBSTITUTES + 1):
             try:
-                img = self.load_image(i)
-                break
+                return self._sample(i, seed), int(self.labels[i])
             except DataError as e:
                 if self.on_bad_sample == "fail" or substitutes == _MAX_SUBSTITUTES:
                     raise
                 self.bad_samples += 1
                 i = (i + 1) % n
                 print(f"warning: {e}; using sample {i} instead", file=sys.stderr, flush=True)
-        if self.transform is not None:
-            if seed is None:
-                img = self.transform(img)
-            else:
-                with seeded_rng(seed):
-                    img = self.transform(img)
-        return img, int(self.labels[i])
+
+    def _sample(self, index: int, seed: Optional[int]):
+        """Sample ``index`` decoded and transformed; DataError if it does not decode."""
+        t = self.transform
+        # A decoding transform draws its crop before decoding, so the seed
+        # covers the decode too; each substitute starts from the same seed.
+        with seeded_rng(seed) if seed is not None and t is not None else nullcontext():
+            if isinstance(t, DecodingTransform):
+                return t.augment(self.load_image(index, t.decode))
+            img = self.load_image(index)
+            return img if t is None else t(img)
