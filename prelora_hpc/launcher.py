@@ -53,9 +53,9 @@ MPI_FLAVOURS = ("pals", "hydra", "openmpi")
 SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "scripts"
 #: PBS ranks per node when the node shows no GPU.
 PBS_DEFAULT_PPN = 4
-#: PALS' CPUs per rank: 16 of a Polaris node's 64 hardware threads, room for
-#: the reference config's 8 DataLoader workers (ALCF's example pairs
-#: --depth=16 with 8 workers).
+#: PALS' CPUs per rank where the node's NUMA domains do not match the ranks
+#: per node: 16 of a Polaris node's 64 hardware threads, room for the
+#: reference config's 8 DataLoader workers.
 PALS_DEFAULT_DEPTH = 16
 #: Seconds before the PBS walltime at which the ranks get SIGTERM; PBS has no
 #: early warning of its own (Slurm jobs use #SBATCH --signal).
@@ -71,8 +71,16 @@ FI_SETTINGS = (("FI_CXI_DISABLE_HOST_REGISTER", "1"), ("FI_MR_CACHE_MONITOR", "u
 #: Variables Open MPI is told to pass on (it passes only those), before the
 #: ones this launch sets.
 OPENMPI_FORWARDED = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "DS_ACCELERATOR")
-#: Where Polaris installs the aws-ofi-nccl plugin, one directory a version.
-OFI_NCCL_GLOB = "/soft/libraries/aws-ofi-nccl/*/lib"
+#: The aws-ofi-nccl plugin ALCF documents for NCCL over Slingshot on Polaris,
+#: pinned: a newer install beside it is not the one NCCL was tested with.
+OFI_NCCL_DIR = "/soft/libraries/aws-ofi-nccl/v1.9.1-aws/lib"
+#: hwloc, which the plugin needs; ALCF puts it on LD_LIBRARY_PATH with it.
+HWLOC_DIR = "/soft/libraries/hwloc/lib/"
+#: Where Linux lists each NUMA domain's CPUs.
+NUMA_CPULIST_GLOB = "/sys/devices/system/node/node[0-9]*/cpulist"
+#: PBS queues that hold one job per user, running or queued (Polaris'
+#: debug-scaling): a job there cannot queue its successor.
+ONE_JOB_PER_USER_QUEUES = ("debug-scaling",)
 
 USAGE = """\
 usage: prelora-launch [options] [--] PROGRAM [ARGS...]
@@ -104,8 +112,10 @@ options:
   --ppn N               ranks per node (default: PBS: the GPUs nvidia-smi
                         lists, else 4; Slurm: SLURM_NTASKS_PER_NODE, else
                         GPUs per node, else 1)
-  --depth D             CPUs per rank (PBS: mpiexec --depth under PALS,
-                        default 16; -bind-to core:D under Hydra, PE=D under
+  --depth D             CPUs per rank (PBS: mpiexec --depth D --cpu-bind
+                        depth under PALS; by default each rank is bound to
+                        one NUMA domain when the node has one per rank, else
+                        depth 16; -bind-to core:D under Hydra, PE=D under
                         Open MPI, no binding by default; Slurm: srun -c,
                         default SLURM_CPUS_PER_TASK). For prelora-train a
                         depth not above the config's data.num_workers gets a
@@ -127,9 +137,12 @@ options:
 Where it runs decides the line, and under PBS also which MPI's mpiexec it
 is (`mpiexec --version`; PRELORA_MPI_FLAVOUR overrides; one that names no
 MPI gets the Cray PALS options, with a warning):
-  PBS, Cray PALS (Polaris): mpiexec -n NODES*PPN --ppn PPN --depth=D
-      --cpu-bind depth --envall --hostfile $PBS_NODEFILE
-      scripts/gpu_affinity.sh PROGRAM ...
+  PBS, Cray PALS (Polaris): mpiexec -n NODES*PPN --ppn PPN
+      --cpu-bind list:CPUS0:CPUS1:... --envall --hostfile $PBS_NODEFILE
+      scripts/gpu_affinity.sh PROGRAM ...   (local rank r on NUMA domain r,
+      whose cores on Polaris are next to GPU 3-r, the GPU gpu_affinity.sh
+      gives it; --depth=D --cpu-bind depth with --depth, or when the node's
+      NUMA domains are not one per rank)
   PBS, MPICH Hydra: mpiexec -n N -ppn PPN -hosts H1,H2,... [-bind-to core:D]
       -envall scripts/gpu_affinity.sh PROGRAM ...   (each host once: the
       node file repeats a host per slot); on several hosts Hydra's remote
@@ -154,11 +167,14 @@ Environment read here:
   PRELORA_MPI_FLAVOUR   pals, hydra or openmpi: what mpiexec is, when
                         `mpiexec --version` cannot tell (or to override it)
   PRELORA_OFI_NCCL_DIR  (PBS with GPUs) the aws-ofi-nccl plugin's lib
-                        directory, put first on LD_LIBRARY_PATH; default:
-                        the newest /soft/libraries/aws-ofi-nccl/*/lib if the
-                        plugin is not on LD_LIBRARY_PATH already.
-                        NCCL_NET="AWS Libfabric" fails to initialise without
-                        it: a launch that finds none says so.
+                        directory, put on LD_LIBRARY_PATH with
+                        /soft/libraries/hwloc/lib/; default: the plugin
+                        already on LD_LIBRARY_PATH, else
+                        /soft/libraries/aws-ofi-nccl/v1.9.1-aws/lib (the
+                        version ALCF documents). Without a plugin the launch
+                        says so in one line and leaves NCCL_NET and the other
+                        NCCL_* network settings unset: with NCCL_NET="AWS
+                        Libfabric" a plugin that fails to load stops NCCL.
   PRELORA_TMPDIR        (PBS) TMPDIR for the ranks (default /tmp: PBS'
                         per-job directory makes DataLoader socket paths too
                         long, "AF_UNIX path too long")
@@ -199,6 +215,33 @@ def _run_ok(argv: Sequence[str], timeout: float = 30.0) -> Optional[str]:
     return p.stdout if p.returncode == 0 else None
 
 
+def _run_status(argv: Sequence[str], timeout: float = 60.0) -> tuple[int, str]:
+    """Exit status and stdout+stderr of ``argv``; 127 when it cannot start."""
+    try:
+        p = subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           stdin=subprocess.DEVNULL, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as e:
+        return 127, str(e)
+    return p.returncode, p.stdout
+
+
+def _numa_cpus() -> list[str]:
+    """This node's NUMA domains' CPU lists ("0-7,32-39"), in domain order;
+    domains without CPUs are left out."""
+    def number(path: str) -> int:
+        return int(re.search(r"node(\d+)", path).group(1))
+
+    out = []
+    for path in sorted(glob.glob(NUMA_CPULIST_GLOB), key=number):
+        try:
+            cpus = Path(path).read_text().strip()
+        except OSError:
+            return []
+        if cpus:
+            out.append(cpus)
+    return out
+
+
 def _resolves(name: str) -> bool:
     getent = shutil.which("getent")
     if getent:
@@ -216,9 +259,10 @@ class Probes:
 
     ``which(name, path)`` finds a command on a PATH string; ``output(argv)``
     is a command's stdout+stderr (None: it could not start); ``ok(argv)`` its
-    stdout when it exits 0 (None otherwise); ``resolves(name)``: the host
-    name resolves here; ``glob(pattern)``; ``hostname()``; ``now()`` in
-    seconds since the epoch.
+    stdout when it exits 0 (None otherwise); ``run(argv)`` its exit status
+    and stdout+stderr; ``resolves(name)``: the host name resolves here;
+    ``glob(pattern)``; ``hostname()``; ``now()`` in seconds since the epoch;
+    ``numa_cpus()``: this node's NUMA domains' CPU lists, in domain order.
     """
 
     which: Callable[[str, Optional[str]], Optional[str]] = \
@@ -230,6 +274,8 @@ class Probes:
     hostname: Callable[[], str] = socket.gethostname
     now: Callable[[], float] = time.time
     realpath: Callable[[str], str] = os.path.realpath
+    numa_cpus: Callable[[], list[str]] = _numa_cpus
+    run: Callable[[Sequence[str]], tuple[int, str]] = _run_status
 
 
 # --------------------------------------------------------------------------- #
@@ -364,6 +410,8 @@ class Allocation:
     """Slurm's SLURM_CPUS_PER_TASK."""
     local_np: Optional[str] = None
     """A workstation's $NP, as written."""
+    numa_cpus: list[str] = field(default_factory=list)
+    """PBS: the node's NUMA domains' CPU lists, in domain order (empty: unknown)."""
     warnings: list[str] = field(default_factory=list)
 
 
@@ -450,7 +498,8 @@ def detect_allocation(env: dict, probes: Optional[Probes] = None,
         if not hosts:
             raise UsageError(f"PBS_NODEFILE={nodefile} lists no hosts")
         alloc = Allocation("pbs", hosts, len(hosts), count_gpus(env, probes), mpiexec,
-                           nodefile=nodefile, job_id=env.get("PBS_JOBID") or None)
+                           nodefile=nodefile, job_id=env.get("PBS_JOBID") or None,
+                           numa_cpus=probes.numa_cpus())
         alloc.mpi = mpi_flavour(mpiexec, env, probes)
         if alloc.mpi is None:
             # A PBS site whose mpiexec names no MPI is most likely Cray's.
@@ -495,6 +544,9 @@ class Layout:
     """CPUs per rank; None: the launcher's default binding."""
     stop_before: int
     """Seconds before the walltime at which the ranks get SIGTERM; 0: never."""
+    cpu_lists: list[str] = field(default_factory=list)
+    """PALS: local rank r is bound to cpu_lists[r] (one NUMA domain each);
+    empty: --depth binding."""
 
 
 def resolve_layout(alloc: Allocation, opts: Options) -> Layout:
@@ -503,9 +555,15 @@ def resolve_layout(alloc: Allocation, opts: Options) -> Layout:
     launcher = opts.launcher or ("srun" if alloc.scheduler == "slurm" else "mpiexec")
     if launcher == "srun" and alloc.scheduler != "slurm":
         raise UsageError("--launcher srun needs a Slurm job")
+    cpu_lists: list[str] = []
     if alloc.scheduler == "pbs":
         ppn = opts.ppn or alloc.gpus_per_node or PBS_DEFAULT_PPN
         depth = opts.depth or (PALS_DEFAULT_DEPTH if alloc.mpi == "pals" else None)
+        if alloc.mpi == "pals" and not opts.depth and len(alloc.numa_cpus) == ppn:
+            # One NUMA domain per rank: on Polaris domain r holds the cores
+            # next to GPU 3 - r, the one gpu_affinity.sh gives local rank r.
+            cpu_lists = list(alloc.numa_cpus)
+            depth = min(len(cpu_set(c)) for c in cpu_lists)
         stop = PBS_DEFAULT_STOP_BEFORE_S
     elif alloc.scheduler == "slurm":
         ppn = opts.ppn or alloc.ntasks_per_node or alloc.gpus_per_node or 1
@@ -520,7 +578,35 @@ def resolve_layout(alloc: Allocation, opts: Options) -> Layout:
         return Layout(launcher, np, np, opts.depth,
                       opts.stop_before if opts.stop_before is not None else 0)
     return Layout(launcher, ppn, opts.np or alloc.nnodes * ppn, depth,
-                  opts.stop_before if opts.stop_before is not None else stop)
+                  opts.stop_before if opts.stop_before is not None else stop, cpu_lists)
+
+
+def cpu_set(text: str) -> set[int]:
+    """The CPUs of a Linux CPU list ("0-7,32-39")."""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if lo:
+            out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def numa_warning(alloc: Allocation, layout: Layout) -> Optional[str]:
+    """A warning when PALS' --depth binding puts a GPU rank's CPUs in more
+    than one NUMA domain (its loader then works across the socket from its
+    GPU); None when fine or unknown."""
+    if (alloc.scheduler != "pbs" or alloc.mpi != "pals" or layout.cpu_lists
+            or not alloc.numa_cpus or not layout.depth or alloc.gpus_per_node == 0):
+        return None
+    domains = [cpu_set(c) for c in alloc.numa_cpus]
+    split = [r for r in range(layout.ranks_per_node)
+             if sum(1 for d in domains
+                    if d & set(range(r * layout.depth, (r + 1) * layout.depth))) > 1]
+    if not split:
+        return None
+    return (f"--depth {layout.depth} --cpu-bind depth gives local rank(s) "
+            f"{', '.join(map(str, split))} CPUs in two NUMA domains, away from their GPU "
+            f"(--ppn {len(domains)} without --depth binds each rank to one NUMA domain)")
 
 
 @dataclass
@@ -563,37 +649,31 @@ def _master_addr(alloc: Allocation, env: dict, probes: Probes, out: LaunchEnv) -
         out.set[MASTER_ADDR_VAR] = short + suffix if suffix else first
 
 
-def _ofi_nccl_plugin(env: dict, probes: Probes, out: LaunchEnv) -> None:
-    """NCCL loads the aws-ofi-nccl plugin (libnccl-net*.so) from
-    LD_LIBRARY_PATH and fails to initialise without it when NCCL_NET names it."""
-    ld_path = env.get("LD_LIBRARY_PATH", "")
+def _ofi_nccl_plugin(env: dict, probes: Probes, out: LaunchEnv) -> bool:
+    """Put the aws-ofi-nccl plugin (libnccl-net*.so) and the hwloc it needs
+    on LD_LIBRARY_PATH; False (and one warning) when there is no plugin."""
+    dirs = [d for d in env.get("LD_LIBRARY_PATH", "").split(":") if d]
 
     def has_plugin(d: str) -> bool:
         return bool(d) and bool(probes.glob(os.path.join(d, "libnccl-net*.so*")))
 
     given = env.get("PRELORA_OFI_NCCL_DIR", "")
-    plugin = given
-    if not plugin:
-        plugin = next((d for d in ld_path.split(":") if has_plugin(d)), "")
-    if not plugin:
-        found = sorted(probes.glob(OFI_NCCL_GLOB), key=_version_key)
-        plugin = found[-1] if found else ""
-    if plugin and has_plugin(plugin):
-        if plugin not in ld_path.split(":"):
-            out.set["LD_LIBRARY_PATH"] = f"{plugin}:{ld_path}" if ld_path else plugin
-        out.ofi_nccl = plugin
-        return
-    out.ofi_nccl = "missing"
-    where = f"in {given} " if given else ""
-    out.warnings.append(
-        f'NCCL_NET="AWS Libfabric" but no aws-ofi-nccl plugin (libnccl-net*.so) {where}on '
-        "LD_LIBRARY_PATH: NCCL will fail to initialise; set PRELORA_OFI_NCCL_DIR to the plugin's "
-        "lib directory, or --no-nccl-env")
-
-
-def _version_key(path: str) -> list:
-    """A sort key ordering 1.9 before 1.10, as ``sort -V``."""
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", path)]
+    plugin = given or next((d for d in dirs if has_plugin(d)), "") or OFI_NCCL_DIR
+    if not has_plugin(plugin):
+        out.ofi_nccl = "missing"
+        out.warnings.append(
+            f"no aws-ofi-nccl plugin (libnccl-net*.so) in {plugin} or on LD_LIBRARY_PATH: "
+            "NCCL_NET and the other NCCL_* network settings are left unset (with "
+            'NCCL_NET="AWS Libfabric" a plugin that fails to load stops NCCL), so NCCL uses its '
+            "slower socket transport; set PRELORA_OFI_NCCL_DIR to the plugin's lib directory")
+        return False
+    out.ofi_nccl = plugin
+    present = {d.rstrip("/") for d in dirs}
+    add = [d for d in (HWLOC_DIR if probes.glob(HWLOC_DIR) else "", plugin)
+           if d and d.rstrip("/") not in present]
+    if add:
+        out.set["LD_LIBRARY_PATH"] = ":".join(add + dirs)
+    return True
 
 
 def launch_env(alloc: Allocation, opts: Options, env: dict, probes: Optional[Probes] = None,
@@ -617,15 +697,16 @@ def launch_env(alloc: Allocation, opts: Options, env: dict, probes: Optional[Pro
     # directory makes their paths too long.
     out.set["TMPDIR"] = env.get("PRELORA_TMPDIR") or "/tmp"
     if alloc.gpus_per_node > 0:
-        if opts.nccl_env:
-            for name, default in NCCL_SETTINGS:
-                out.set[name] = env.get(name) or default
+        nccl = dict((name, env.get(name) or default) for name, default in NCCL_SETTINGS)
+        if (opts.nccl_env and nccl["NCCL_NET"] == "AWS Libfabric"
+                and not _ofi_nccl_plugin(env, probes, out)):
+            out.unset.extend(nccl)
+        elif opts.nccl_env:
+            out.set.update(nccl)
         else:
-            out.unset.extend(name for name, _ in NCCL_SETTINGS)
+            out.unset.extend(nccl)
         for name, default in FI_SETTINGS:
             out.set[name] = env.get(name) or default
-        if opts.nccl_env and out.set["NCCL_NET"] == "AWS Libfabric":
-            _ofi_nccl_plugin(env, probes, out)
     watch = str(scripts_dir / "node_watch.sh")
     shell = env.get("HYDRA_LAUNCHER") or "ssh"
     # Hydra reaches the other hosts through a remote shell; node_watch.sh
@@ -657,7 +738,10 @@ def launch_line(alloc: Allocation, opts: Options, program_argv: Sequence[str],
     program = list(program_argv)
     if alloc.scheduler == "pbs":
         cmd = [alloc.mpiexec, "-n", n]
-        if alloc.mpi == "pals":
+        if alloc.mpi == "pals" and layout.cpu_lists:
+            cmd += ["--ppn", ppn, "--cpu-bind", "list:" + ":".join(layout.cpu_lists),
+                    "--envall", "--hostfile", alloc.nodefile]
+        elif alloc.mpi == "pals":
             cmd += ["--ppn", ppn, f"--depth={depth}", "--cpu-bind", "depth", "--envall",
                     "--hostfile", alloc.nodefile]
         elif alloc.mpi == "hydra":
@@ -698,8 +782,10 @@ def describe(alloc: Allocation, opts: Options, lenv: LaunchEnv, env: dict) -> st
     layout = resolve_layout(alloc, opts)
     if alloc.scheduler == "pbs":
         d = layout.depth
-        binding = {"pals": f"depth:{d}"}.get(alloc.mpi, f"core:{d}" if d else "none")
+        binding = {"pals": f"numa:{d}" if layout.cpu_lists else f"depth:{d}"}.get(
+            alloc.mpi, f"core:{d}" if d else "none")
         nccl = ("on" if opts.nccl_env else "off") if alloc.gpus_per_node > 0 else "n/a"
+        nccl = "off(no-plugin)" if lenv.ofi_nccl == "missing" else nccl
         where = f"mpi={alloc.mpi} binding={binding} nccl_env={nccl}"
         where += f" ofi_nccl={lenv.ofi_nccl}" if lenv.ofi_nccl else ""
     elif alloc.scheduler == "slurm" and layout.launcher == "srun":
@@ -806,6 +892,237 @@ def stop_timer(alloc: Allocation, layout: Layout, env: dict,
 
 
 # --------------------------------------------------------------------------- #
+# The job chain: whether a job can queue its successor, the successor's
+# submission line, and whether the scheduler really holds it.
+
+
+def parse_qstat_full(text: str) -> dict[str, str]:
+    """``qstat -f`` output as attribute -> value; PBS wraps a long value onto
+    lines that start with a tab, which are joined back."""
+    out: dict[str, str] = {}
+    key = None
+    for line in text.splitlines():
+        if line.startswith("\t") and key is not None:
+            out[key] += line[1:]
+            continue
+        name, sep, value = line.strip().partition(" = ")
+        key = name if sep else None
+        if sep:
+            out[name] = value
+    return out
+
+
+def parse_variable_list(value: str) -> dict[str, str]:
+    """PBS' Variable_List ("A=1,B=x\\,y") as a dict; a comma inside a value
+    is escaped with a backslash."""
+    items, cur, i = [], "", 0
+    while i < len(value):
+        if value[i] == "\\" and i + 1 < len(value):
+            cur += value[i + 1]
+            i += 2
+            continue
+        if value[i] == ",":
+            items.append(cur)
+            cur = ""
+        else:
+            cur += value[i]
+        i += 1
+    items.append(cur)
+    return dict(item.split("=", 1) for item in items if "=" in item)
+
+
+def job_info(env: dict, probes: Optional[Probes] = None) -> dict[str, str]:
+    """This PBS job's attributes from ``qstat -f`` ({} when unknown)."""
+    probes = probes or Probes()
+    qstat = probes.which("qstat", env.get("PATH"))
+    if not qstat or not env.get("PBS_JOBID"):
+        return {}
+    return parse_qstat_full(probes.ok([qstat, "-f", env["PBS_JOBID"]]) or "")
+
+
+def chain_break(env: dict, info: dict) -> Optional[str]:
+    """Why this PBS job cannot queue its successor (its queue holds one job
+    per user); None when it can."""
+    queues = {env.get("PBS_QUEUE"), env.get("PBS_O_QUEUE"), info.get("queue")}
+    queue = next((q for q in ONE_JOB_PER_USER_QUEUES if q in queues), None)
+    if queue is None:
+        return None
+    return (f"queue {queue} holds one job per user, running or queued: this job cannot queue "
+            "its successor, so the chain ends with it (submit chains to prod)")
+
+
+#: The resources a PBS job asked for that its successor asks for again;
+#: the others in Resource_List (ncpus, nodect, per-file-system flags) PBS
+#: and the site's hooks derive from these.
+CARRIED_RESOURCES = ("select", "place", "walltime", "filesystems")
+
+
+def _qsub_v(variables: dict[str, str]) -> str:
+    """qsub -v's list; a value holding a comma is quoted."""
+    words = []
+    for name, value in variables.items():
+        if "," in value:
+            if "'" in value:
+                raise UsageError(f"cannot pass {name} to qsub -v: its value holds both a comma "
+                                 "and a quote")
+            value = f"'{value}'"
+        words.append(f"{name}={value}")
+    return ",".join(words)
+
+
+def pbs_resubmission(env: dict, info: dict, script: str, names: Sequence[str],
+                     left: int) -> tuple[list[str], list[str]]:
+    """The qsub line of this job's successor and notes about it.
+
+    Every submission option of this job is carried from ``info`` (its
+    ``qstat -f``): -A, -q (the queue it was submitted to, e.g. prod, not the
+    execution queue prod routed it to), -N, -j, -l of
+    :data:`CARRIED_RESOURCES` and the -v variables; then the current values
+    of ``names`` (the template's variables), PRELORA_MAX_RESUBMITS=``left``
+    and PRELORA_SUBMIT_ARGS, whose words come last and so win.
+    """
+    notes = []
+    given = parse_variable_list(info.get("Variable_List", ""))
+    argv = ["qsub", "-W", f"depend=afterany:{env['PBS_JOBID']}"]
+    account = info.get("Account_Name") or env.get("PBS_ACCOUNT")
+    queue = env.get("PBS_O_QUEUE") or given.get("PBS_O_QUEUE") or info.get("queue")
+    argv += ["-A", account] if account else []
+    argv += ["-q", queue] if queue else []
+    argv += ["-N", info["Job_Name"]] if info.get("Job_Name") else []
+    argv += ["-j", info["Join_Path"]] if info.get("Join_Path", "n") != "n" else []
+    for name in CARRIED_RESOURCES:
+        value = info.get(f"Resource_List.{name}")
+        argv += ["-l", f"{name}={value}"] if value else []
+    if not info:
+        notes.append("qstat -f gave nothing for this job: the successor gets the job script's "
+                     "#PBS lines, with -q/-A from the environment and PRELORA_SUBMIT_ARGS")
+    variables = {"PRELORA_MAX_RESUBMITS": str(left)}
+    variables.update((k, v) for k, v in given.items() if not k.startswith("PBS_O_"))
+    for name in [*names, "PRELORA_SUBMIT_ARGS"]:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise UsageError(f"--vars: '{name}' is not a variable name")
+        if name in env:
+            variables[name] = env[name]
+    variables["PRELORA_MAX_RESUBMITS"] = str(left)
+    argv += env.get("PRELORA_SUBMIT_ARGS", "").split()
+    return argv + ["-v", _qsub_v(variables), script], notes
+
+
+def slurm_resubmission(env: dict, time_limit: Optional[str], script: str,
+                       left: int) -> list[str]:
+    """The sbatch line of this job's successor: this job's shape, account,
+    partition, QOS, name and ``time_limit``, then PRELORA_SUBMIT_ARGS."""
+    argv = ["sbatch", f"--dependency=afterany:{env['SLURM_JOB_ID']}",
+            f"--nodes={env.get('SLURM_JOB_NUM_NODES') or env.get('SLURM_NNODES') or 1}"]
+    for var, option in (("SLURM_NTASKS_PER_NODE", "--ntasks-per-node"),
+                        ("SLURM_CPUS_PER_TASK", "--cpus-per-task"),
+                        ("SLURM_GPUS_PER_NODE", "--gpus-per-node"),
+                        ("SLURM_JOB_ACCOUNT", "--account"), ("SLURM_JOB_PARTITION", "--partition"),
+                        ("SLURM_JOB_QOS", "--qos"), ("SLURM_JOB_NAME", "--job-name")):
+        argv += [f"{option}={env[var]}"] if env.get(var) else []
+    argv += [f"--time={time_limit}"] if time_limit else []
+    argv += env.get("PRELORA_SUBMIT_ARGS", "").split()
+    return argv + [f"--export=ALL,PRELORA_MAX_RESUBMITS={left}", script]
+
+
+def submitted_id(output: str) -> Optional[str]:
+    """The job id in qsub's or sbatch's output."""
+    m = re.search(r"Submitted batch job (\S+)", output)
+    if m:
+        return m.group(1)
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    return lines[-1] if lines and " " not in lines[-1] else None
+
+
+def chain_main(argv: Optional[Sequence[str]] = None, env: Optional[dict] = None,
+               probes: Optional[Probes] = None) -> int:
+    """scripts/resubmit.sh's decisions (one line each on stdout):
+
+    ``check``: at job start, say whether this job can queue its successor.
+    ``submit [--dry-run] [--vars "NAME ..."] --left N SCRIPT``: submit this
+    job's successor with every option of this job, then confirm with
+    qstat/squeue that the scheduler holds it. Exit 0 done (or nothing to
+    do), 1 when the submission failed or vanished, 2 usage.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    env = dict(os.environ) if env is None else env
+    probes = probes or Probes()
+
+    def say(text: str, error: bool = False) -> None:
+        print(f"resubmit.sh: {text}", file=sys.stderr if error else sys.stdout, flush=True)
+
+    pbs = bool(env.get("PBS_JOBID"))
+    if args[:1] == ["check"]:
+        why = chain_break(env, job_info(env, probes)) if pbs else None
+        if why and env.get("PRELORA_MAX_RESUBMITS", "20") != "0":
+            say(why)
+        return 0
+    if args[:1] != ["submit"]:
+        say("usage: chain_main check | submit [--dry-run] [--vars NAMES] --left N SCRIPT", True)
+        return 2
+    dry_run, names, left, rest = False, [], None, args[1:]
+    while rest and rest[0].startswith("--"):
+        option = rest.pop(0)
+        if option == "--dry-run":
+            dry_run = True
+        elif option in ("--vars", "--left") and rest:
+            value = rest.pop(0)
+            names, left = (value.split(), left) if option == "--vars" else (names, value)
+        else:
+            say(f"bad option {option}", error=True)
+            return 2
+    if len(rest) != 1 or left is None or not left.isdigit():
+        say("submit needs --left N and one SCRIPT", error=True)
+        return 2
+    script = rest[0]
+    try:
+        if pbs:
+            info = job_info(env, probes)
+            why = chain_break(env, info)
+            if why:
+                say(f"no resubmission: {why}")
+                return 0
+            cmd, notes = pbs_resubmission(env, info, script, names, int(left))
+        elif env.get("SLURM_JOB_ID"):
+            squeue = probes.which("squeue", env.get("PATH"))
+            limit = probes.ok([squeue, "-h", "-j", env["SLURM_JOB_ID"], "-o", "%l"]) if squeue \
+                else None
+            limit = (limit or "").strip()
+            cmd, notes = slurm_resubmission(env, limit if parse_duration(limit) else None,
+                                            script, int(left)), []
+        else:
+            say("not inside a PBS or Slurm job (neither PBS_JOBID nor SLURM_JOB_ID is set)", True)
+            return 2
+    except UsageError as e:
+        say(str(e), error=True)
+        return 2
+    for note in notes:
+        say(f"note: {note}")
+    if dry_run:
+        print(shlex.join(cmd))
+        return 0
+    print(f"+ {shlex.join(cmd)}", flush=True)
+    status, out = probes.run(cmd)
+    out = out.strip()
+    if status != 0:
+        say(f"error: submission failed (exit {status}): {out}", error=True)
+        return 1
+    job = submitted_id(out)
+    check = [probes.which("qstat" if pbs else "squeue", env.get("PATH")) or
+             ("qstat" if pbs else "squeue")]
+    check += [job] if pbs else ["-h", "-j", job or ""]
+    status, seen = probes.run(check) if job else (1, "")
+    if status != 0 or not seen.strip():
+        say(f"error: {'qsub' if pbs else 'sbatch'} answered '{out}' but "
+            f"{os.path.basename(check[0])} does not show job {job}: the successor is not queued "
+            "and the chain ends here (a prod job that fits no execution queue, e.g. over its "
+            "walltime limit, vanishes like this); fix the request, then submit again", error=True)
+        return 1
+    say(f"submitted {job}; {os.path.basename(check[0])} shows it queued")
+    return 0
+
+
+# --------------------------------------------------------------------------- #
 # The plan and running it.
 
 
@@ -851,8 +1168,8 @@ def plan(opts: Options, program_argv: Sequence[str], env: dict, probes: Optional
     warnings = alloc.warnings + warnings + lenv.warnings
     argv = launch_line(alloc, opts, program, lenv.apply(env), list(lenv.set), scripts_dir)
     if alloc.scheduler == "pbs":
-        w = depth_warning(layout.depth, program)
-        warnings += [w] if w else []
+        warnings += [w for w in (depth_warning(layout.depth, program),
+                                 numa_warning(alloc, layout)) if w]
     stop_in, note = (None, "") if opts.layout_only else stop_timer(alloc, layout, env, probes)
     description = describe(alloc, opts, lenv, env) + (f" {note}" if note else "")
     return Plan(argv, lenv, description, warnings, stop_in, layout.stop_before)

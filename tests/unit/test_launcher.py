@@ -9,9 +9,11 @@ squeue and scontrol are answers of a :class:`FakeProbes`.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,16 @@ TRAIN = f"{BIN}/prelora-train"
 PROGRAM = ["prelora-train", "--config", CONFIG, "--output-dir", "runs/x"]
 NOW = 1_900_000_000.0
 
+#: ALCF's table of a Polaris node: each GPU and the CPUs (hardware threads) of
+#: the NUMA domain next to it.
+POLARIS_GPU_CPUS = {3: "0-7,32-39", 2: "8-15,40-47", 1: "16-23,48-55", 0: "24-31,56-63"}
+#: What Linux lists under /sys/devices/system/node on a Polaris node.
+POLARIS_NUMA = ["0-7,32-39", "8-15,40-47", "16-23,48-55", "24-31,56-63"]
+PLUGIN = "/soft/libraries/aws-ofi-nccl/v1.9.1-aws/lib"
+HWLOC = "/soft/libraries/hwloc/lib/"
+POLARIS_FILES = (f"{PLUGIN}/libnccl-net.so", "/soft/libraries/aws-ofi-nccl/v1.10.0/lib/libnccl-net.so",
+                 HWLOC)
+
 VERSIONS = {"pals": "", "hydra": "HYDRA build details:\n    Version: 5.0.2",
             "openmpi": "mpiexec (Open MPI) 5.0.5", "unknown": "mpiexec 1.0"}
 
@@ -42,7 +54,7 @@ class FakeProbes(launcher.Probes):
     what it prints."""
 
     def __init__(self, gpus=0, mpi="pals", resolvable=(), commands=(), answers=None,
-                 glob=None):
+                 glob=None, numa=(), files=()):
         on_path = {"prelora-train", "prelora-bench", "mpiexec", "nvidia-smi", *commands}
         answers = dict(answers or {})
 
@@ -66,14 +78,18 @@ class FakeProbes(launcher.Probes):
 
         super().__init__(
             which=which, output=output, ok=ok, resolves=lambda n: n in resolvable,
-            glob=glob or (lambda pattern: []), hostname=lambda: "workstation", now=lambda: NOW,
+            glob=glob or (lambda pattern: [f for f in files if fnmatch.fnmatch(f, pattern)
+                                           or f == pattern]),
+            hostname=lambda: "workstation", now=lambda: NOW, numa_cpus=lambda: list(numa),
             realpath=lambda p: "/opt/cray/pals/1.4/bin/mpiexec" if mpi == "pals" and
             p == f"{BIN}/mpiexec" else p)
 
 
-def polaris(gpus=4):
-    """A Polaris node: Cray PALS, GPUs, high-speed-network names that resolve."""
-    return FakeProbes(gpus=gpus, mpi="pals", resolvable=(*HOSTS, "x3006c0s13b0n0.hsn.example"))
+def polaris(gpus=4, files=POLARIS_FILES):
+    """A Polaris node: Cray PALS, GPUs, four NUMA domains, the aws-ofi-nccl
+    plugin and hwloc under /soft, high-speed-network names that resolve."""
+    return FakeProbes(gpus=gpus, mpi="pals", resolvable=(*HOSTS, "x3006c0s13b0n0.hsn.example"),
+                      numa=POLARIS_NUMA, files=files)
 
 
 def nodefile(tmp_path, hosts=HOSTS, slots=4) -> str:
@@ -103,22 +119,104 @@ def test_pbs_with_gpus_on_polaris(tmp_path):
     argv = p.argv
     assert argv[0] == f"{BIN}/mpiexec"
     assert follows(argv, "-n", "8") and follows(argv, "--ppn", "4")
-    # 16 hardware threads per rank: more than the reference config's 8 DataLoader workers.
-    assert "--depth=16" in argv and follows(argv, "--cpu-bind", "depth")
+    # One NUMA domain per rank: 16 hardware threads, more than the reference
+    # config's 8 DataLoader workers.
+    assert follows(argv, "--cpu-bind", "list:" + ":".join(POLARIS_NUMA))
     assert "--envall" in argv and follows(argv, "--hostfile", nf)
     # The affinity wrapper comes right before the program.
     i = argv.index(AFFINITY)
     assert argv[i + 1:] == [TRAIN, "--config", CONFIG, "--output-dir", "runs/x"]
     d = p.description
     assert "scheduler=pbs nodes=2 ranks_per_node=4 ranks=8 gpus_per_node=4" in d
-    assert "mpi=pals binding=depth:16 nccl_env=on" in d
+    assert f"mpi=pals binding=numa:16 nccl_env=on ofi_nccl={PLUGIN}" in d
     assert "master_addr=x3006c0s13b0n0.hsn.cm.polaris.alcf.anl.gov" in d
     s = p.env.set
     assert s["NCCL_NET"] == "AWS Libfabric" and s["NCCL_NET_GDR_LEVEL"] == "PHB"
     assert s["NCCL_CROSS_NIC"] == "1" and s["NCCL_COLLNET_ENABLE"] == "1"
     assert s["FI_CXI_DEFAULT_CQ_SIZE"] == "131072" and s["FI_MR_CACHE_MONITOR"] == "userfaultfd"
     assert s["TMPDIR"] == "/tmp" and s["PRELORA_MASTER_ADDR"] == HOSTS[0]
-    assert not any(w.startswith("--depth") for w in p.warnings)
+    assert p.warnings == []
+
+
+def pals_binding(argv, local_rank):
+    """The CPUs Cray PALS binds a local rank to, for the mpiexec line argv:
+    ``--cpu-bind list:A:B:...`` gives local rank r the r-th list (round
+    robin), ``--cpu-bind depth`` (or core) with ``--depth=D`` the D CPUs
+    from r x D on, ``none`` or no option the whole node."""
+    words = " ".join(argv).replace("--cpu-bind=", "--cpu-bind ").replace("--depth ", "--depth=") \
+        .replace(" -d ", " --depth=").split()
+    bind = words[words.index("--cpu-bind") + 1] if "--cpu-bind" in words else "none"
+    depth = next((int(w.split("=")[1]) for w in words if w.startswith("--depth=")), 1)
+    if bind.startswith("list:"):
+        lists = bind[len("list:"):].split(":")
+        return launcher.cpu_set(lists[local_rank % len(lists)])
+    if bind in ("depth", "core"):
+        return set(range(local_rank * depth, (local_rank + 1) * depth))
+    assert bind == "none", f"binding {bind} is not modelled here"
+    return set(range(64))
+
+
+def gpu_of(local_rank, tmp_path):
+    """The GPU scripts/gpu_affinity.sh gives a local rank on a 4-GPU node."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    smi = fake / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nfor i in 0 1 2 3; do echo \"GPU $i: NVIDIA A100-SXM4-40GB\"; done\n")
+    smi.chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "PMI_LOCAL_RANK": str(local_rank)}
+    out = subprocess.run([AFFINITY, "sh", "-c", "echo $CUDA_VISIBLE_DEVICES"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return int(out)
+
+
+def misplaced_ranks(argv, tmp_path):
+    """Local ranks whose CPUs are not all in the NUMA domain of their GPU
+    (ALCF's table), for a 4-rank-per-node line."""
+    return [r for r in range(4) if not pals_binding(argv, r)
+            <= launcher.cpu_set(POLARIS_GPU_CPUS[gpu_of(r, tmp_path)])]
+
+
+def test_polaris_ranks_sit_next_to_their_gpu(tmp_path):
+    """On a Polaris node (faked PBS, 4 ranks per node) every local rank's
+    CPUs, as PALS binds them for the line prelora-launch builds, lie in the
+    NUMA domain of the GPU gpu_affinity.sh gives it."""
+    env = {"PBS_NODEFILE": nodefile(tmp_path), "PBS_JOBID": "1.polaris"}
+    argv = plan(env, polaris()).argv
+    assert misplaced_ranks(argv, tmp_path) == []
+    assert all(len(pals_binding(argv, r)) == 16 for r in range(4))
+    # --depth 8 (ALCF's depth example) also keeps each rank by its GPU.
+    argv = plan(env, polaris(), Options(dry_run=True, depth=8)).argv
+    assert "--depth=8" in argv and misplaced_ranks(argv, tmp_path) == []
+    # --depth 16 under depth binding spans two NUMA domains per rank, and
+    # ranks 1 and 2 get none of the CPUs next to their GPU: the check sees
+    # it, and so does the launch.
+    p = plan(env, polaris(), Options(dry_run=True, depth=16))
+    assert misplaced_ranks(p.argv, tmp_path) == [0, 1, 2, 3]
+    assert [r for r in range(4) if not pals_binding(p.argv, r)
+            & launcher.cpu_set(POLARIS_GPU_CPUS[gpu_of(r, tmp_path)])] == [1, 2]
+    assert any("local rank(s) 0, 1, 2, 3 CPUs in two NUMA domains" in w for w in p.warnings)
+
+
+def test_polaris_dry_run_output(tmp_path, monkeypatch, capsys):
+    """What `prelora-launch --dry-run` prints inside a Polaris PBS job."""
+    monkeypatch.setattr(launcher, "Probes", lambda: polaris())
+    for k in list(os.environ):
+        if k.startswith(("PBS_", "PRELORA_", "NCCL_", "LD_LIBRARY_PATH")):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("PBS_NODEFILE", nodefile(tmp_path))
+    assert launcher.main(["--dry-run", "--", CONFIG, "--output-dir", "runs/x"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"# scheduler=pbs nodes=2 ranks_per_node=4 ranks=8 gpus_per_node=4 mpi=pals "
+                      f"binding=numa:16 nccl_env=on ofi_nccl={PLUGIN} master_addr={HOSTS[0]} "
+                      "stop_before=300s (walltime unknown: relying on the scheduler's signal)")
+    exported = dict(w.split("=", 1) for w in shlex.split(out[1][len("# env: "):]))
+    assert exported["LD_LIBRARY_PATH"] == f"{HWLOC}:{PLUGIN}"
+    assert exported["NCCL_NET"] == "AWS Libfabric"
+    assert shlex.split(out[-1]) == [
+        f"{BIN}/mpiexec", "-n", "8", "--ppn", "4", "--cpu-bind", "list:" + ":".join(POLARIS_NUMA),
+        "--envall", "--hostfile", os.environ["PBS_NODEFILE"], AFFINITY, TRAIN, "--config", CONFIG,
+        "--output-dir", "runs/x"]
+    assert len(out) == 3          # no warning
 
 
 def test_pbs_options(tmp_path):
@@ -261,37 +359,58 @@ def test_pbs_warns_when_depth_does_not_exceed_workers(tmp_path):
 
 
 def test_pbs_aws_ofi_nccl_plugin(tmp_path):
-    """NCCL_NET="AWS Libfabric" needs the aws-ofi-nccl plugin on
-    LD_LIBRARY_PATH: found, it is put there; missing, the launch says so."""
-    import glob
-
+    """NCCL_NET="AWS Libfabric" needs the aws-ofi-nccl plugin: the pinned
+    v1.9.1-aws install (not the newest beside it) and hwloc go on
+    LD_LIBRARY_PATH; a plugin the module put there is kept."""
     nf = nodefile(tmp_path)
     p = plan({"PBS_NODEFILE": nf, "LD_LIBRARY_PATH": "/usr/lib"}, polaris())
-    assert "ofi_nccl=missing" in p.description
-    assert any(w.startswith('NCCL_NET="AWS Libfabric" but no aws-ofi-nccl plugin') for w in p.warnings)
-    plugin = tmp_path / "aws-ofi-nccl" / "lib"
-    plugin.mkdir(parents=True)
-    (plugin / "libnccl-net.so").write_text("")
-    probes = polaris()
-    probes.glob = glob.glob
-    p = plan({"PBS_NODEFILE": nf, "PRELORA_OFI_NCCL_DIR": str(plugin), "LD_LIBRARY_PATH": "/usr/lib"},
-             probes)
-    assert f"ofi_nccl={plugin}" in p.description and not any("NCCL" in w for w in p.warnings)
-    assert p.env.set["LD_LIBRARY_PATH"] == f"{plugin}:/usr/lib"
-    # Already on LD_LIBRARY_PATH (a module loaded it): found, nothing added.
-    p = plan({"PBS_NODEFILE": nf, "LD_LIBRARY_PATH": f"/usr/lib:{plugin}"}, probes)
-    assert f"ofi_nccl={plugin}" in p.description and "LD_LIBRARY_PATH" not in p.env.set
-    # The newest of the site's installs (1.10 after 1.9).
-    soft = tmp_path / "soft"
-    for v in ("v1.9.0", "v1.10.0"):
-        (soft / v / "lib").mkdir(parents=True)
-        (soft / v / "lib" / "libnccl-net.so.0").write_text("")
-    probes.glob = lambda pat: glob.glob(pat.replace("/soft/libraries/aws-ofi-nccl", str(soft)))
-    p = plan({"PBS_NODEFILE": nf}, probes)
-    assert p.env.set["LD_LIBRARY_PATH"] == str(soft / "v1.10.0" / "lib")
+    assert p.env.set["LD_LIBRARY_PATH"] == f"{HWLOC}:{PLUGIN}:/usr/lib"
+    assert p.env.set["NCCL_NET"] == "AWS Libfabric" and not p.env.unset
+    # Already on LD_LIBRARY_PATH (a module loaded it): kept, hwloc added.
+    other = "/opt/site/ofi-nccl/lib"
+    probes = polaris(files=(*POLARIS_FILES, f"{other}/libnccl-net.so.0"))
+    p = plan({"PBS_NODEFILE": nf, "LD_LIBRARY_PATH": f"/usr/lib:{other}"}, probes)
+    assert f"ofi_nccl={other}" in p.description
+    assert p.env.set["LD_LIBRARY_PATH"] == f"{HWLOC}:/usr/lib:{other}"
+    # Both there: nothing to add.
+    p = plan({"PBS_NODEFILE": nf, "LD_LIBRARY_PATH": f"{HWLOC}:{PLUGIN}"}, polaris())
+    assert "LD_LIBRARY_PATH" not in p.env.set
+    # The user's directory wins.
+    p = plan({"PBS_NODEFILE": nf, "PRELORA_OFI_NCCL_DIR": other}, probes)
+    assert p.env.set["LD_LIBRARY_PATH"] == f"{HWLOC}:{other}"
     # --no-nccl-env: no NCCL_NET, no plugin needed.
-    p = plan({"PBS_NODEFILE": nf}, polaris(), Options(dry_run=True, nccl_env=False))
-    assert "ofi_nccl" not in p.description
+    p = plan({"PBS_NODEFILE": nf}, polaris(files=()), Options(dry_run=True, nccl_env=False))
+    assert "ofi_nccl" not in p.description and not p.warnings
+
+
+def test_pbs_without_the_plugin_leaves_nccl_net_unset(tmp_path, monkeypatch, capfd):
+    """No plugin: one line says so before mpiexec starts, and the ranks get
+    no NCCL_NET (NCCL would stop on a plugin that fails to load), even one
+    the environment had."""
+    nf = nodefile(tmp_path)
+    env = {"PBS_NODEFILE": nf, "NCCL_NET": "AWS Libfabric", "NCCL_CROSS_NIC": "1"}
+    p = plan(env, polaris(files=()))
+    ranks = p.env.apply(env)
+    assert not any(k.startswith("NCCL_") for k in ranks)
+    assert ranks["FI_MR_CACHE_MONITOR"] == "userfaultfd" and "LD_LIBRARY_PATH" not in ranks
+    assert "nccl_env=off(no-plugin) ofi_nccl=missing" in p.description
+    (line,) = [w for w in p.warnings if "aws-ofi-nccl" in w]
+    assert line.startswith(f"no aws-ofi-nccl plugin (libnccl-net*.so) in {PLUGIN} or on "
+                           "LD_LIBRARY_PATH: NCCL_NET and the other NCCL_* network settings are "
+                           "left unset")
+    # A real launch prints that line before mpiexec runs.
+    monkeypatch.setattr(launcher, "Probes", lambda: polaris(files=()))
+    for k in list(os.environ):
+        if k.startswith(("PBS_", "PRELORA_", "NCCL_")):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("PBS_NODEFILE", nf)
+    monkeypatch.setenv("NCCL_NET", "AWS Libfabric")
+    monkeypatch.setenv("PRELORA_MPIEXEC", str(ROOT / "tests" / "no-such-mpiexec"))
+    code = launcher.main(["--stop-before", "0", "--", "prelora-bench"])
+    err = capfd.readouterr().err
+    assert code == 127                       # the (missing) mpiexec: nothing ran
+    assert f"prelora-launch: warning: {line}\n" in err
+    assert err.index("aws-ofi-nccl") < err.index("+ ")
 
 
 def qstat_answer(walltime="01:00:00", used="00:00:00", started_ago=100):
@@ -539,3 +658,142 @@ def test_run_stops_the_program_before_the_walltime(capfd):
 def test_exit_status_of_a_signalled_program():
     assert launcher.run(_plan([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"],
                               stop_in=60), dict(os.environ)) == 128 + signal.SIGKILL
+
+
+# --------------------------------------------------------------------------- #
+# The job chain: the successor's submission and its confirmation
+
+# `qstat -f` of a job submitted to prod and routed to small; PBS wraps long
+# values onto tab-indented lines and escapes commas inside -v values.
+QSTAT_F = """Job Id: 77.polaris-pbs-01
+    Job_Name = vitl
+    job_state = R
+    queue = small
+    Account_Name = MyProject
+    Join_Path = oe
+    Keep_Files = doe
+    Resource_List.eagle_fs = True
+    Resource_List.filesystems = home:eagle
+    Resource_List.ncpus = 640
+    Resource_List.nodect = 10
+    Resource_List.place = scatter
+    Resource_List.select = 10:system=polaris
+    Resource_List.walltime = 03:00:00
+    Variable_List = PBS_O_HOME=/home/u,PBS_O_QUEUE=prod,PBS_O_WORKDIR=/lus/eagle/pr
+\tojects/MyProject/prelora_hpc,PRELORA_RUN_DIR=/lus/eagle/projects/MyProject/ru
+\tns/a,PRELORA_NOTE=a\\,b,MY_SETTING=1
+    stime = Wed Dec  2 01:00:00 2026
+"""
+
+
+def test_parse_qstat_full():
+    info = launcher.parse_qstat_full(QSTAT_F)
+    assert info["Resource_List.select"] == "10:system=polaris" and info["queue"] == "small"
+    assert launcher.parse_variable_list(info["Variable_List"]) == {
+        "PBS_O_HOME": "/home/u", "PBS_O_QUEUE": "prod",
+        "PBS_O_WORKDIR": "/lus/eagle/projects/MyProject/prelora_hpc",
+        "PRELORA_RUN_DIR": "/lus/eagle/projects/MyProject/runs/a", "PRELORA_NOTE": "a,b",
+        "MY_SETTING": "1"}
+
+
+def test_pbs_successor_repeats_every_option():
+    """The successor asks for what this job asked for: account, the queue it
+    was submitted to (prod, not the execution queue small), name, resources
+    and -v variables; the template's variables at their current values;
+    PRELORA_SUBMIT_ARGS last, so it wins."""
+    env = {"PBS_JOBID": "77.polaris-pbs-01", "PRELORA_RUN_DIR": "/lus/eagle/projects/MyProject/runs/a",
+           "PRELORA_CONFIG": "configs/x.yaml", "PRELORA_SUBMIT_ARGS": "-l walltime=02:00:00"}
+    argv, notes = launcher.pbs_resubmission(env, launcher.parse_qstat_full(QSTAT_F),
+                                            "jobs/polaris.pbs", ["PRELORA_RUN_DIR", "PRELORA_CONFIG",
+                                                                 "PRELORA_UNSET"], 4)
+    assert notes == []
+    assert argv[:3] == ["qsub", "-W", "depend=afterany:77.polaris-pbs-01"]
+    for option in (("-A", "MyProject"), ("-q", "prod"), ("-N", "vitl"), ("-j", "oe"),
+                   ("-l", "select=10:system=polaris"), ("-l", "place=scatter"),
+                   ("-l", "walltime=03:00:00"), ("-l", "filesystems=home:eagle")):
+        assert follows(argv, *option), option
+    # Resources PBS and the site derive are not asked for again.
+    assert not any(a.startswith(("ncpus", "nodect", "eagle_fs")) for a in argv)
+    assert argv.index("walltime=02:00:00") > argv.index("walltime=03:00:00")
+    assert argv[-3] == "-v" and argv[-1] == "jobs/polaris.pbs"
+    carried = argv[-2].split(",")
+    assert carried[0] == "PRELORA_MAX_RESUBMITS=4"
+    assert set(carried[1:]) == {"PRELORA_RUN_DIR=/lus/eagle/projects/MyProject/runs/a",
+                                "PRELORA_NOTE='a", "b'", "MY_SETTING=1",
+                                "PRELORA_CONFIG=configs/x.yaml",
+                                "PRELORA_SUBMIT_ARGS=-l walltime=02:00:00"}
+    # Without qstat's answer: the queue and account from the environment, and a note.
+    argv, notes = launcher.pbs_resubmission({**env, "PBS_O_QUEUE": "prod", "PBS_ACCOUNT": "P"}, {},
+                                            "jobs/polaris.pbs", [], 0)
+    assert follows(argv, "-A", "P") and follows(argv, "-q", "prod") and "select" not in " ".join(argv)
+    assert notes and "#PBS lines" in notes[0]
+
+
+def test_debug_scaling_cannot_chain():
+    for queue in ("debug", "prod", "small"):
+        assert launcher.chain_break({"PBS_QUEUE": queue}, {}) is None
+    why = launcher.chain_break({"PBS_QUEUE": "debug-scaling"}, {})
+    assert why.startswith("queue debug-scaling holds one job per user") and "prod" in why
+    assert launcher.chain_break({}, {"queue": "debug-scaling"}) == why
+
+
+def chain_probes(qsub=(0, "78.polaris-pbs-01\n"), known=True, queue="small"):
+    """A PBS job's commands: qstat -f answers QSTAT_F (in ``queue``), qsub
+    answers ``qsub``, qstat JOBID finds the new job when ``known``."""
+    calls = []
+
+    def run(argv):
+        calls.append(list(argv))
+        if os.path.basename(argv[0]) == "qsub":
+            return qsub
+        return (0, "78.polaris-pbs-01 prelora u 0 H prod\n") if known else \
+            (153, "qstat: Unknown Job Id 78.polaris-pbs-01\n")
+
+    probes = FakeProbes(commands=["qstat", "qsub"],
+                        answers={"qstat": QSTAT_F.replace("queue = small", f"queue = {queue}")})
+    probes.run = run
+    return probes, calls
+
+
+ENV = {"PBS_JOBID": "77.polaris-pbs-01", "PRELORA_MAX_RESUBMITS": "3"}
+SUBMIT = ["submit", "--vars", "PRELORA_RUN_DIR", "--left", "2", "jobs/polaris.pbs"]
+
+
+def test_chain_submits_and_confirms(capsys):
+    probes, calls = chain_probes()
+    assert launcher.chain_main(SUBMIT, dict(ENV), probes) == 0
+    out = capsys.readouterr().out
+    assert calls[0][0] == "qsub" and follows(calls[0], "-q", "prod")
+    assert calls[1] == [f"{BIN}/qstat", "78.polaris-pbs-01"]
+    assert "resubmit.sh: submitted 78.polaris-pbs-01; qstat shows it queued" in out
+
+
+def test_chain_reports_a_successor_that_vanished(capsys):
+    """qsub returned 0 but qstat does not know the job (a prod job that fits
+    no execution queue): an error, exit 1."""
+    probes, _ = chain_probes(known=False)
+    assert launcher.chain_main(SUBMIT, dict(ENV), probes) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "resubmit.sh: error: qsub answered '78.polaris-pbs-01' but qstat does not show job "
+        "78.polaris-pbs-01: the successor is not queued and the chain ends here")
+    probes, _ = chain_probes(qsub=(38, "qsub: Job violates queue and/or server resource limits"))
+    assert launcher.chain_main(SUBMIT, dict(ENV), probes) == 1
+    assert "submission failed (exit 38): qsub: Job violates" in capsys.readouterr().err
+
+
+def test_chain_in_debug_scaling(capsys):
+    """At job start the job says it cannot queue its successor; at its end
+    it does not try."""
+    probes, calls = chain_probes(queue="debug-scaling")
+    env = {**ENV, "PBS_QUEUE": "debug-scaling"}
+    assert launcher.chain_main(["check"], env, probes) == 0
+    assert capsys.readouterr().out.startswith(
+        "resubmit.sh: queue debug-scaling holds one job per user, running or queued: this job "
+        "cannot queue its successor, so the chain ends with it")
+    assert launcher.chain_main(SUBMIT, env, probes) == 0
+    assert calls == [] and "no resubmission: queue debug-scaling" in capsys.readouterr().out
+    # Nothing to say where the job may chain, or may not resubmit at all.
+    assert launcher.chain_main(["check"], {**ENV, "PBS_QUEUE": "prod"}, chain_probes()[0]) == 0
+    assert launcher.chain_main(["check"], {**env, "PRELORA_MAX_RESUBMITS": "0"}, probes) == 0
+    assert capsys.readouterr().out == ""
