@@ -3,6 +3,7 @@
     python -m prelora_hpc.data.loader_bench                       # embedded digits, 224 px
     python -m prelora_hpc.data.loader_bench --path /lus/.../imagenet1k.h5 --max-workers 8
     python -m prelora_hpc.data.loader_bench --fake-jpeg 256 --json bench.json
+    python -m prelora_hpc.data.loader_bench --fake-jpeg 256 --compare-draft --demand 855
 
 Measures (1) the loader's supply: images/s through read + decode +
 training transform at --img-size, for 0..--max-workers workers, and (2) the
@@ -11,8 +12,12 @@ training step's demand: images/s of the trainer's own step
 engine over the run's ViT) on random input, on the device a rank trains on
 (its GPU if it has one, else the CPU). The ratio says how
 many workers one rank needs. --fake-jpeg N converts N ImageNet-sized JPEGs
-(500x375, about ImageNet's mean) first, because the 32x32 digits PNGs decode
-far faster than real photographs.
+(400x350 at about 110 KB, ImageNet's training-set means; --fake-size for
+others) first, because the 32x32 digits PNGs decode far faster than real
+photographs. --compare-draft measures the supply without and with
+``data.jpeg_draft`` in alternating rounds, so a load that changes during the
+run reaches both alike; --demand takes one rank's demand as given (e.g. a
+GPU's, measured elsewhere) instead of timing a step here.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -36,27 +42,49 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.utils.data  # noqa: E402
 from PIL import Image  # noqa: E402
+from torchvision import transforms  # noqa: E402
 
 from ..config import DataConfig  # noqa: E402
 from .convert import convert  # noqa: E402
 from .digits import ensure_digits_hdf5  # noqa: E402
 from .hdf5 import HDF5ImageDataset  # noqa: E402
-from .seeding import sample_seed  # noqa: E402
-from .transforms import build_transform  # noqa: E402
+from .seeding import sample_seed, seeded_rng  # noqa: E402
+from .transforms import DecodingTransform, build_transform  # noqa: E402
+
+#: ImageNet-1k's training set: mean image about 400x350 px and 110 KB.
+IMAGENET_MEAN_SIZE = (400, 350)
 
 
-def write_fake_jpegs(root: Path, count: int, seed: int = 0, size: tuple[int, int] = (500, 375)) -> None:
-    """``count`` photo-like JPEGs (smooth colour fields plus noise, quality 90) in 10 class folders."""
+def write_fake_jpegs(root: Path, count: int, seed: int = 0,
+                     size: tuple[int, int] = IMAGENET_MEAN_SIZE) -> int:
+    """``count`` photo-like JPEGs of ``size`` (w, h) px in 10 class folders; returns their mean bytes.
+
+    Smooth colour fields plus noise, quality 95, 4:2:0 chroma: at 400x350
+    about 110 KB, the entropy-coded size a decoder pays for on ImageNet.
+    """
     rng = np.random.default_rng(seed)
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    total = 0
     for i in range(count):
         folder = root / "train" / f"c{i % 10}"
         folder.mkdir(parents=True, exist_ok=True)
         fx, fy, phase = rng.uniform(0.005, 0.05, 3)
         base = np.stack([np.sin(xx * fx + phase * c) * np.cos(yy * fy + c) for c in range(3)], -1)
-        pixels = 127 + 90 * base + rng.normal(0, 12, size=(h, w, 3))
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
+        pixels = 127 + 90 * base + rng.normal(0, 24, size=(h, w, 3))
+        f = folder / f"{i:05d}.jpg"
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(f, quality=95)
+        total += f.stat().st_size
+    return round(total / max(count, 1))
+
+
+def sample_keys(n: int, count: int, seed: int = 0) -> list[tuple[int, int]]:
+    """``count`` random ``(index, augmentation seed)`` keys of a set of ``n``, as the trainer's sampler gives them."""
+    if count == 0:
+        return []
+    indices = torch.utils.data.RandomSampler(range(n), replacement=True, num_samples=count,
+                                             generator=torch.Generator().manual_seed(seed))
+    return [(int(i), sample_seed(seed, 0, k)) for k, i in enumerate(indices)]
 
 
 def loader_rate(ds: torch.utils.data.Dataset, workers: int, batch_size: int, batches: int,
@@ -68,16 +96,53 @@ def loader_rate(ds: torch.utils.data.Dataset, workers: int, batch_size: int, bat
     the trainer's sampler gives them (``ShardedSampler(with_seeds=True)``):
     the seeding is part of what a training sample costs.
     """
-    indices = torch.utils.data.RandomSampler(ds, replacement=True,
-                                             num_samples=batch_size * (batches + 1),
-                                             generator=torch.Generator().manual_seed(seed))
-    keys = [(int(i), sample_seed(seed, 0, k)) for k, i in enumerate(indices)]
+    keys = sample_keys(len(ds), batch_size * (batches + 1), seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=keys, num_workers=workers)
     it = iter(loader)
     next(it)
     t0 = time.perf_counter()
     n = sum(len(y) for _, y in it)
     return n / (time.perf_counter() - t0)
+
+
+STAGES = ("read", "decode", "crop", "augment")
+
+
+def stage_times(ds: HDF5ImageDataset, keys: list[tuple[int, int]]) -> dict[str, float]:
+    """Milliseconds per training sample in each stage, in this process, over ``keys``.
+
+    read: HDF5 bytes and the file header; decode: pixels (with a
+    ``DecodingTransform``, i.e. jpeg_draft, the crop and resize too, which
+    it does together); crop: RandomResizedCrop (zero under jpeg_draft);
+    augment: the rest (flip, RandAugment or jitter, to tensor, normalise).
+    Each sample runs under its own seed, as in training.
+    """
+    t = ds.transform
+    if isinstance(t, DecodingTransform):
+        decode, crop, augment = t.decode, None, t.augment
+    else:
+        decode, crop, augment = (lambda im: im.convert("RGB")), t.transforms[0], \
+            transforms.Compose(t.transforms[1:])
+    spent = dict.fromkeys(STAGES, 0.0)
+
+    def timed_decode(im: Image.Image) -> Image.Image:
+        t0 = time.perf_counter()
+        img = decode(im)
+        spent["decode"] += time.perf_counter() - t0
+        return img
+
+    for index, seed in keys:
+        with seeded_rng(seed):
+            t0 = time.perf_counter()
+            decoded_before = spent["decode"]
+            img = ds.load_image(index, timed_decode)
+            spent["read"] += time.perf_counter() - t0 - (spent["decode"] - decoded_before)
+            for name, f in (("crop", crop), ("augment", augment)):
+                if f is not None:
+                    t0 = time.perf_counter()
+                    img = f(img)
+                    spent[name] += time.perf_counter() - t0
+    return {k: 1e3 * v / len(keys) for k, v in spent.items()}
 
 
 def step_rate(model_name: str, num_classes: int, img_size: int, batch_size: int, steps: int,
@@ -129,13 +194,26 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m prelora_hpc.data.loader_bench",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--path", help="HDF5 file or shard directory (default: the embedded digits)")
-    p.add_argument("--fake-jpeg", type=int, metavar="N", help="benchmark N generated 500x375 JPEGs instead")
+    p.add_argument("--fake-jpeg", type=int, metavar="N",
+                   help="benchmark N generated ImageNet-sized JPEGs instead (see --fake-size)")
+    p.add_argument("--fake-size", type=_size, default=IMAGENET_MEAN_SIZE, metavar="WxH",
+                   help="size of the generated JPEGs (default 400x350, ImageNet's mean)")
     p.add_argument("--split", default="train")
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--min-workers", type=int, default=0)
     p.add_argument("--max-workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--batches", type=int, default=12, help="timed batches per worker count")
     p.add_argument("--auto-augment", default=None, help="e.g. rand-m9-mstd0.5-inc1 (default: none)")
+    p.add_argument("--jpeg-draft", action="store_true", help="decode with data.jpeg_draft on")
+    p.add_argument("--compare-draft", action="store_true",
+                   help="measure without and with data.jpeg_draft, in alternating rounds")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="measurements of each setting (default 1; 4 with --compare-draft)")
+    p.add_argument("--breakdown", type=int, default=0, metavar="N",
+                   help="also time each stage of N samples in this process (ms per image)")
+    p.add_argument("--demand", type=float, metavar="IMG_PER_S",
+                   help="one rank's demand, taken as given: no training step is timed")
     p.add_argument("--model", default="vit_tiny_patch16_224")
     p.add_argument("--steps", type=int, default=3, help="timed training steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
@@ -143,47 +221,125 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace, path: Path) -> dict:
-    """Measure everything; returns the figures (as written by --json)."""
-    data_cfg = DataConfig(source="hdf5", path=str(path), auto_augment=args.auto_augment)
-    ds = HDF5ImageDataset(path, args.split, build_transform(data_cfg, args.img_size, is_training=True))
-    supply = []
-    for w in range(args.max_workers + 1):
-        rate = loader_rate(ds, w, args.batch_size, args.batches)
-        supply.append({"workers": w, "images_per_s": rate, "per_worker": rate / max(w, 1)})
-        print(f"  loader, {w} worker(s): {rate:8.1f} img/s", file=sys.stderr, flush=True)
-    demand, device = step_rate(args.model, ds.num_classes, args.img_size, args.batch_size,
-                               args.steps, args.warmup)
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH, e.g. 400x350, got {text!r}") from None
+    return w, h
+
+
+def _per_worker(supply: list[dict]) -> float:
     # One worker's rate is the honest per-worker figure: with more workers
     # than free cores the per-worker rate falls.
-    per_worker = next(s["per_worker"] for s in supply if s["workers"] == 1) if args.max_workers else \
-        supply[0]["images_per_s"]
-    return {
+    one = [s["per_worker"] for s in supply if s["workers"] == 1]
+    return one[0] if one else supply[0]["per_worker"]
+
+
+def run(args: argparse.Namespace, path: Path) -> dict:
+    """Measure everything; returns the figures (as written by --json)."""
+    variants = (False, True) if args.compare_draft else (args.jpeg_draft,)
+    datasets = {}
+    for draft in variants:
+        data_cfg = DataConfig(source="hdf5", path=str(path), auto_augment=args.auto_augment,
+                              jpeg_draft=draft)
+        datasets[draft] = HDF5ImageDataset(path, args.split,
+                                           build_transform(data_cfg, args.img_size, is_training=True))
+    rounds = args.rounds or (4 if args.compare_draft else 1)
+    workers = range(args.min_workers, args.max_workers + 1)
+    rates = {(d, w): [] for d in variants for w in workers}
+    stages = {d: [] for d in variants}
+    keys = sample_keys(len(datasets[variants[0]]), args.breakdown)
+    for r in range(rounds):
+        # Alternate the order too, so neither setting always runs first.
+        for draft in variants if r % 2 == 0 else variants[::-1]:
+            for w in workers:
+                rate = loader_rate(datasets[draft], w, args.batch_size, args.batches)
+                rates[draft, w].append(rate)
+                print(f"  round {r + 1}/{rounds}, jpeg_draft {str(draft).lower()}, {w} worker(s): "
+                      f"{rate:8.1f} img/s", file=sys.stderr, flush=True)
+            if keys:
+                stages[draft].append(stage_times(datasets[draft], keys))
+
+    def supply_of(draft: bool) -> list[dict]:
+        out = []
+        for w in workers:
+            rate = statistics.median(rates[draft, w])
+            out.append({"workers": w, "images_per_s": rate, "per_worker": rate / max(w, 1),
+                        "jpeg_draft": draft, "rounds": rates[draft, w]})
+        return out
+
+    if args.demand is not None:
+        demand, device = args.demand, None
+    else:
+        demand, device = step_rate(args.model, datasets[variants[0]].num_classes, args.img_size,
+                                   args.batch_size, args.steps, args.warmup)
+    supply = supply_of(variants[0])
+    per_worker = _per_worker(supply)
+    result = {
         "date": datetime.date.today().isoformat(),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                    "torch_threads": torch.get_num_threads()},
-        "data": {"path": str(path), "split": args.split, "images": len(ds), "img_size": args.img_size,
-                 "auto_augment": args.auto_augment, "batch_size": args.batch_size},
+                    "device": torch.cuda.get_device_name() if device is not None and device.type == "cuda"
+                    else "cpu",
+                    "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()},
+        "data": {"path": str(path), "split": args.split, "images": len(datasets[variants[0]]),
+                 "img_size": args.img_size, "auto_augment": args.auto_augment,
+                 "batch_size": args.batch_size, "jpeg_draft": variants[0], "rounds": rounds},
         "loader": supply,
-        "train_step": {"model": args.model, "device": device.type, "images_per_s": demand},
+        "train_step": {"model": None if device is None else args.model,
+                       "device": "given" if device is None else device.type, "images_per_s": demand},
         "workers_needed": math.ceil(demand / per_worker) if per_worker > 0 else None,
     }
+    if args.compare_draft:
+        drafted = supply_of(True)
+        per_worker_draft = _per_worker(drafted)
+        result["draft"] = {
+            "loader": drafted,
+            "ratio": [{"workers": w, "ratios": [b / a for a, b in zip(rates[False, w], rates[True, w])]}
+                      for w in workers],
+            "workers_needed": math.ceil(demand / per_worker_draft) if per_worker_draft > 0 else None,
+        }
+        for entry in result["draft"]["ratio"]:
+            entry["median"] = statistics.median(entry["ratios"])
+    if keys:
+        result["stages_ms"] = {("jpeg_draft" if d else "full_decode"):
+                               {k: statistics.median(s[k] for s in stages[d]) for k in STAGES}
+                               for d in variants}
+    return result
 
 
 def format_table(r: dict) -> str:
-    """The figures as a plain-text table."""
-    lines = [f"data: {r['data']['path']} [{r['data']['split']}], {r['data']['images']} images, "
-             f"{r['data']['img_size']} px, batch {r['data']['batch_size']}",
-             "workers   img/s   img/s per worker"]
-    for s in r["loader"]:
-        per = "(main process)" if s["workers"] == 0 else f"{s['per_worker']:.1f}"
-        lines.append(f"{s['workers']:>7} {s['images_per_s']:>7.1f}   {per}")
+    """The figures as a plain-text table (medians over rounds)."""
+    d = r["data"]
+    lines = [f"data: {d['path']} [{d['split']}], {d['images']} images, {d['img_size']} px, "
+             f"batch {d['batch_size']}, auto_augment {d['auto_augment']}, {d['rounds']} round(s)"]
+    if "draft" in r:
+        lines.append("workers   img/s   img/s per worker   with jpeg_draft   per worker   ratio (median, range)")
+        for s, t, q in zip(r["loader"], r["draft"]["loader"], r["draft"]["ratio"]):
+            per = "(main)" if s["workers"] == 0 else f"{s['per_worker']:.1f}"
+            per_t = "(main)" if t["workers"] == 0 else f"{t['per_worker']:.1f}"
+            lines.append(f"{s['workers']:>7} {s['images_per_s']:>7.1f}   {per:>16}   "
+                         f"{t['images_per_s']:>15.1f}   {per_t:>10}   {q['median']:.3f} "
+                         f"({min(q['ratios']):.3f}-{max(q['ratios']):.3f})")
+    else:
+        lines.append("workers   img/s   img/s per worker")
+        for s in r["loader"]:
+            per = "(main process)" if s["workers"] == 0 else f"{s['per_worker']:.1f}"
+            lines.append(f"{s['workers']:>7} {s['images_per_s']:>7.1f}   {per}")
+    for variant, ms in r.get("stages_ms", {}).items():
+        lines.append(f"ms per image, {variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
+                     + f" (total {sum(ms.values()):.2f})")
     t = r["train_step"]
-    lines.append(f"training step ({t['model']}, the trainer's step on {r['machine']['device']}): "
-                 f"{t['images_per_s']:.1f} img/s")
-    lines.append(f"workers needed per rank to keep up: {r['workers_needed']}")
+    if t["device"] == "given":
+        lines.append(f"demand (given): {t['images_per_s']:.1f} img/s")
+    else:
+        lines.append(f"training step ({t['model']}, the trainer's step on {r['machine']['device']}): "
+                     f"{t['images_per_s']:.1f} img/s")
+    needed = f"workers needed per rank to keep up: {r['workers_needed']}"
+    if "draft" in r:
+        needed += f" ({r['draft']['workers_needed']} with jpeg_draft)"
+    lines.append(needed)
     return "\n".join(lines)
 
 
@@ -192,13 +348,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="prelora-loader-bench-") as tmp:
         if args.fake_jpeg:
-            write_fake_jpegs(Path(tmp) / "src", args.fake_jpeg)
+            mean_bytes = write_fake_jpegs(Path(tmp) / "src", args.fake_jpeg, size=args.fake_size)
             path = convert(Path(tmp) / "src", Path(tmp) / "fake.h5", splits=("train",), progress=False)[0]
         else:
             path = Path(args.path) if args.path else ensure_digits_hdf5()
         result = run(args, path)
     if args.fake_jpeg:
-        result["data"]["path"] = f"{args.fake_jpeg} generated 500x375 JPEGs (quality 90)"
+        w, h = args.fake_size
+        result["data"]["path"] = (f"{args.fake_jpeg} generated {w}x{h} JPEGs "
+                                  f"(quality 95, mean {mean_bytes / 1024:.0f} KB)")
     print(format_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

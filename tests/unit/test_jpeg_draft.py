@@ -8,6 +8,8 @@ image before normalisation.
 from __future__ import annotations
 
 import io
+import json
+import math
 from pathlib import Path
 
 import h5py
@@ -196,3 +198,40 @@ def test_dataset_with_draft_names_a_truncated_image(large_h5, tmp_path):
     got, label = skipping[(0, 5)]
     assert skipping.bad_samples == 1 and label == skipping.labels[1]
     assert torch.equal(got, skipping[(1, 5)][0])
+
+
+# --------------------------------------------------------------------------- #
+# The loader benchmark's comparison
+
+
+def test_fake_jpegs_are_imagenet_sized(tmp_path):
+    # ImageNet-1k's training images average about 400x350 px and 110 KB; the
+    # supply figures in docs/loader_bench.md assume the fakes are like them.
+    from prelora_hpc.data.loader_bench import write_fake_jpegs
+
+    mean_bytes = write_fake_jpegs(tmp_path, 6)
+    files = sorted(tmp_path.rglob("*.jpg"))
+    assert len(files) == 6
+    assert all(Image.open(f).size == (400, 350) for f in files)
+    assert 90e3 <= mean_bytes <= 130e3
+
+
+def test_loader_bench_compares_draft_against_full_decode(tmp_path):
+    from prelora_hpc.data import loader_bench
+
+    out = tmp_path / "bench.json"
+    loader_bench.main(["--fake-jpeg", "8", "--fake-size", "1000x750", "--compare-draft",
+                       "--rounds", "2", "--min-workers", "0", "--max-workers", "0", "--batches", "1",
+                       "--batch-size", "4", "--breakdown", "4", "--demand", "855", "--json", str(out)])
+    r = json.loads(out.read_text())
+    plain, drafted = r["loader"], r["draft"]["loader"]
+    assert [s["jpeg_draft"] for s in plain] == [False] and [s["jpeg_draft"] for s in drafted] == [True]
+    assert len(plain[0]["rounds"]) == len(drafted[0]["rounds"]) == 2
+    (ratio,) = r["draft"]["ratio"]
+    assert ratio["ratios"] == pytest.approx([b / a for a, b in zip(plain[0]["rounds"], drafted[0]["rounds"])])
+    # The demand is the given one; no training step ran.
+    assert r["train_step"] == {"model": None, "device": "given", "images_per_s": 855.0}
+    assert r["workers_needed"] == math.ceil(855.0 / plain[0]["per_worker"])
+    assert r["draft"]["workers_needed"] == math.ceil(855.0 / drafted[0]["per_worker"])
+    assert r["stages_ms"]["jpeg_draft"]["crop"] == 0.0  # folded into the decode
+    assert all(v > 0 for v in r["stages_ms"]["full_decode"].values())
