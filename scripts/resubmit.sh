@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Decide whether a training job resubmits itself, and do it.
 #
-# Usage (the last step of jobs/polaris.pbs and jobs/slurm.sbatch):
+# Usage (jobs/polaris.pbs and jobs/slurm.sbatch):
+#   scripts/resubmit.sh --at-start
 #   scripts/resubmit.sh [--dry-run] --exit-code RC [--stop-file PATH]
 #                       [--vars "NAME ..."] [--] JOB_SCRIPT
 #
+#   --at-start         at job start: say in one line when this job cannot
+#                      queue its successor (a PBS queue that holds one job per
+#                      user, such as Polaris' debug-scaling), so the chain
+#                      ends with it
 #   --exit-code RC     prelora-train's exit status. Only 85 (stopped on a
 #                      walltime signal after writing a checkpoint) resubmits;
 #                      0 (finished), 130 (stopped by Ctrl-C), 74 (a checkpoint
@@ -15,39 +20,57 @@
 #                      (touch RUN_DIR/NO_RESUBMIT before qdel/scancel to end a
 #                      chain: the trainer checkpoints on those signals too)
 #   --vars "NAME ..."  PBS: environment variables the next job gets again
-#                      through qsub -v (Slurm jobs carry the whole environment)
+#                      through qsub -v with their current values (Slurm jobs
+#                      carry the whole environment)
 #   --dry-run          print the submission instead of running it
 #   JOB_SCRIPT         the job script to submit again
+#
+# The successor repeats every submission option of this job. PBS: -A, -q
+# (the queue it was submitted to), -N, -j, -l select/place/walltime/
+# filesystems and the -v variables, read from `qstat -f`. Slurm: the shape
+# (--nodes, --ntasks-per-node, --cpus-per-task, --gpus-per-node), account,
+# partition, QOS, name and time limit. After qsub/sbatch the new job is looked
+# up with qstat/squeue: a job the scheduler accepted but does not hold (on
+# Polaris a prod job that fits no execution queue vanishes so) is an error.
 #
 # Environment:
 #   PRELORA_MAX_RESUBMITS  how many more times the chain may resubmit itself
 #                          (default 20); the next job gets one less, so a
 #                          failing setup cannot loop forever
-#   PRELORA_SUBMIT_ARGS    qsub/sbatch options every resubmission repeats,
-#                          split at spaces (no quoting), e.g. a queue or a
-#                          resource override given on the first command line
+#   PRELORA_SUBMIT_ARGS    more qsub/sbatch options for every resubmission,
+#                          split at spaces (no quoting); they come last and win
 #   PBS_JOBID / SLURM_JOB_ID  which scheduler to use; the next job waits for
 #                          this one to end (afterany dependency)
 #
-# On Slurm the job's shape is repeated from its own environment (--nodes,
-# --ntasks-per-node, --cpus-per-task, --gpus-per-node when Slurm set them), so
-# a run resumed with another world size cannot happen by accident; anything
-# else given on the first sbatch line belongs in PRELORA_SUBMIT_ARGS.
+# The decisions after the exit status are prelora_hpc.launcher.chain_main's.
 #
 # Exit status: 0 when the decision was made (resubmitted or not), 1 when the
-# submission itself failed, 2 for bad usage.
+# submission failed or the new job is not in the queue, 2 for bad usage.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
 die() { echo "resubmit.sh: $*" >&2; exit 2; }
 say() { echo "resubmit.sh: $*"; }
-quoted() { printf '%q' "$1"; shift; [ $# -eq 0 ] || printf ' %q' "$@"; echo; }
+# prelora_hpc.launcher.chain_main with the python beside prelora-train, else
+# python3 and this checkout (it needs no third-party package).
+chain() {
+    local root py
+    root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    if train=$(command -v prelora-train) && [ -x "$(dirname "$train")/python" ]; then
+        py=$(dirname "$train")/python
+    else
+        py=python3
+    fi
+    PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} "$py" -c \
+        'import sys; from prelora_hpc.launcher import chain_main; sys.exit(chain_main())' "$@"
+}
 
 EXIT_RESUBMIT=85 EXIT_CHECKPOINT_WRITE=74 EXIT_LOCKED=75 EXIT_INTERRUPTED=130
-dry_run=0 rc="" stop_file="" vars=""
+dry_run=0 dry_run_flag="" rc="" stop_file="" vars=""
 while [ $# -gt 0 ]; do
     case "$1" in
-        --dry-run) dry_run=1 ;;
+        --at-start) chain check; exit 0 ;;
+        --dry-run) dry_run=1 dry_run_flag=1 ;;
         --exit-code) rc=${2?--exit-code needs a value}; shift ;;
         --exit-code=*) rc=${1#*=} ;;
         --stop-file) stop_file=${2?--stop-file needs a value}; shift ;;
@@ -95,42 +118,5 @@ fi
 next=$((left - 1))
 
 [ -f "$script" ] || die "job script $script does not exist"
-read -r -a extra <<<"${PRELORA_SUBMIT_ARGS:-}"
-
-if [ -n "${PBS_JOBID:-}" ]; then
-    # qsub -v takes NAME=value pairs separated by commas; a value holding a
-    # comma is quoted.
-    list="PRELORA_MAX_RESUBMITS=$next"
-    for name in $vars PRELORA_SUBMIT_ARGS; do
-        [[ $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "--vars: '$name' is not a variable name"
-        [ -n "${!name+set}" ] || continue
-        value=${!name}
-        if [[ $value == *,* ]]; then
-            [[ $value != *\'* ]] || die "cannot pass $name to qsub -v: its value holds both a comma and a quote"
-            value="'$value'"
-        fi
-        list+=",$name=$value"
-    done
-    cmd=(qsub -W "depend=afterany:$PBS_JOBID" ${extra[@]+"${extra[@]}"} -v "$list" "$script")
-elif [ -n "${SLURM_JOB_ID:-}" ]; then
-    shape=(--nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}")
-    [ -z "${SLURM_NTASKS_PER_NODE:-}" ] || shape+=(--ntasks-per-node="$SLURM_NTASKS_PER_NODE")
-    [ -z "${SLURM_CPUS_PER_TASK:-}" ] || shape+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-    [ -z "${SLURM_GPUS_PER_NODE:-}" ] || shape+=(--gpus-per-node="$SLURM_GPUS_PER_NODE")
-    cmd=(sbatch --dependency="afterany:$SLURM_JOB_ID" "${shape[@]}" ${extra[@]+"${extra[@]}"}
-         --export="ALL,PRELORA_MAX_RESUBMITS=$next" "$script")
-else
-    die "not inside a PBS or Slurm job (neither PBS_JOBID nor SLURM_JOB_ID is set)"
-fi
-
 say "stopped on a walltime signal after a checkpoint: resubmitting ($next more allowed after this one)"
-if [ "$dry_run" = 1 ]; then
-    quoted "${cmd[@]}"
-    exit 0
-fi
-echo "+ $(quoted "${cmd[@]}")"
-if ! out=$("${cmd[@]}" 2>&1); then
-    say "submission failed: $out" >&2
-    exit 1
-fi
-say "submitted: $out"
+chain submit ${dry_run_flag:+--dry-run} --vars "$vars" --left "$next" "$script"
