@@ -18,6 +18,7 @@ from typing import Callable
 
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.auto_augment import AugmentOp, posterize
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
@@ -65,6 +66,23 @@ def draft(im: Image.Image, scale: int) -> int:
         return 1
     _, box = got
     return round(w / box[2])
+
+
+def posterize_keeping_none(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, also for 0 bits: a black image, as Pillow gave before it
+    refused ``bits < 1``. timm's PosterizeIncreasing asks for 0 bits at
+    magnitude 10, which RandAugment's magnitude noise (``mstd``) reaches."""
+    if bits_to_keep < 1:
+        return img.point(lambda _: 0)
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def _augment_ops(t) -> list[AugmentOp]:
+    """The AugmentOps inside a timm RandAugment (``ops``) or AutoAugment (``policy``)."""
+    ops = [op for op in getattr(t, "ops", []) if isinstance(op, AugmentOp)]
+    for sub in getattr(t, "policy", []):
+        ops += [op for op in sub if isinstance(op, AugmentOp)]
+    return ops
 
 
 class DraftRandomResizedCrop:
@@ -139,8 +157,9 @@ class DecodingTransform:
 def build_transform(data_cfg: DataConfig, img_size: int, is_training: bool) -> Callable:
     """The train (augmenting) or validation (deterministic) transform at ``img_size`` pixels.
 
-    Takes a PIL image, gives a float32 tensor [3, img_size, img_size]. With
-    ``data_cfg.jpeg_draft`` it is a ``DecodingTransform`` whose ``decode``
+    Takes a PIL image, gives a float32 tensor [3, img_size, img_size].
+    RandAugment's posterize at 0 bits gives a black image on any Pillow
+    (``posterize_keeping_none``). With ``data_cfg.jpeg_draft`` it is a ``DecodingTransform`` whose ``decode``
     drafts JPEGs (see ``DraftRandomResizedCrop``, ``DraftShortSide``).
     """
     t = create_transform(
@@ -154,6 +173,10 @@ def build_transform(data_cfg: DataConfig, img_size: int, is_training: bool) -> C
         mean=IMAGENET_DEFAULT_MEAN,
         std=IMAGENET_DEFAULT_STD,
     )
+    for step in t.transforms:
+        for op in _augment_ops(step):
+            if op.aug_fn is posterize:
+                op.aug_fn = posterize_keeping_none
     if not data_cfg.jpeg_draft:
         return t
     first, rest = t.transforms[0], t.transforms[1:]

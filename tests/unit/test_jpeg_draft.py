@@ -235,3 +235,20 @@ def test_loader_bench_compares_draft_against_full_decode(tmp_path):
     assert r["draft"]["workers_needed"] == math.ceil(855.0 / drafted[0]["per_worker"])
     assert r["stages_ms"]["jpeg_draft"]["crop"] == 0.0  # folded into the decode
     assert all(v > 0 for v in r["stages_ms"]["full_decode"].values())
+
+
+# --------------------------------------------------------------------------- #
+# The reference augmentation on any Pillow
+
+
+@pytest.mark.parametrize("jpeg_draft", [False, True])
+def test_reference_randaugment_posterize_at_full_magnitude_gives_a_black_image(jpeg_draft):
+    # rand-m9-mstd0.5 draws magnitude 10 now and then; timm then asks posterize
+    # for 0 bits, which Pillow >= 13 refuses: a training worker would die.
+    t = build_transform(DataConfig(auto_augment=REFERENCE_AUG, jpeg_draft=jpeg_draft), IMG, True)
+    steps = t.augment.transforms if jpeg_draft else t.transforms
+    (op,) = [op for step in steps for op in getattr(step, "ops", []) if op.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0.0
+    img = Image.open(io.BytesIO(position_jpeg(64, 48))).convert("RGB")
+    out = op(img)
+    assert out.size == img.size and np.asarray(out).max() == 0
