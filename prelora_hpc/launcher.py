@@ -1118,7 +1118,8 @@ def chain_main(argv: Optional[Sequence[str]] = None, env: Optional[dict] = None,
             "and the chain ends here (a prod job that fits no execution queue, e.g. over its "
             "walltime limit, vanishes like this); fix the request, then submit again", error=True)
         return 1
-    say(f"submitted {job}; {os.path.basename(check[0])} shows it queued")
+    say(f"submitted: {out}")
+    say(f"{os.path.basename(check[0])} shows job {job} in the queue")
     return 0
 
 

@@ -12,6 +12,7 @@ and nvidia-smi are small fakes on PATH that record how they were called.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -28,7 +29,10 @@ LAUNCH = ROOT / "scripts" / "launch.sh"
 AFFINITY = ROOT / "scripts" / "gpu_affinity.sh"
 NODE_WATCH = ROOT / "scripts" / "node_watch.sh"
 RESUBMIT = ROOT / "scripts" / "resubmit.sh"
+STAGE = ROOT / "scripts" / "stage_data.sh"
+VENV_CHECK = ROOT / "scripts" / "venv_versions.py"
 PBS = ROOT / "jobs" / "polaris.pbs"
+CONVERT = ROOT / "jobs" / "convert.pbs"
 SBATCH = ROOT / "jobs" / "slurm.sbatch"
 CONFIG = "configs/vit_large_imagenet1k.yaml"
 
@@ -177,14 +181,17 @@ def follows(argv, *seq):
 # Syntax and content of the files themselves.
 
 
-@pytest.mark.parametrize("path", [LAUNCH, AFFINITY, RESUBMIT, NODE_WATCH, PBS, SBATCH],
+@pytest.mark.parametrize("path", [LAUNCH, AFFINITY, RESUBMIT, NODE_WATCH, STAGE, PBS, SBATCH,
+                                  CONVERT, ROOT / "scripts" / "polaris_venv.sh"],
                          ids=lambda p: p.name)
 def test_scripts_parse(path):
     r = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("path", [LAUNCH, AFFINITY, RESUBMIT, NODE_WATCH], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [LAUNCH, AFFINITY, RESUBMIT, NODE_WATCH, STAGE, VENV_CHECK,
+                                  ROOT / "scripts" / "stage_data.py",
+                                  ROOT / "scripts" / "polaris_venv.sh"], ids=lambda p: p.name)
 def test_scripts_are_executable(path):
     assert os.access(path, os.X_OK)
 
@@ -195,8 +202,6 @@ def test_pbs_template_directives():
                       "#PBS -l place=scatter", "#PBS -l walltime=",
                       "#PBS -l filesystems=home:eagle", "#PBS -j oe"):
         assert directive in text, directive
-    assert "module load conda" in text and "conda activate base" in text
-    assert "scripts/launch.sh" in text and "scripts/resubmit.sh" in text
 
 
 def test_slurm_template_directives():
@@ -208,24 +213,28 @@ def test_slurm_template_directives():
     assert "SLURM_SUBMIT_DIR" in text and "scripts/resubmit.sh" in text
 
 
-@pytest.mark.parametrize("path", [LAUNCH, AFFINITY, RESUBMIT, NODE_WATCH, PBS, SBATCH],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [LAUNCH, AFFINITY, RESUBMIT, NODE_WATCH, STAGE, PBS, SBATCH,
+                                  CONVERT], ids=lambda p: p.name)
 def test_no_personal_paths(path):
     text = path.read_text()
     for bad in ("/home/", "/Users/", "/global/homes/", "/work/main"):
         assert bad not in text, f"{path.name} mentions {bad}"
 
 
-def test_reference_config_loads():
+def test_reference_config_keeps_its_global_batch_on_any_node_count():
+    """The reference run's 4096 images per step hold on 1 to 64 Polaris nodes
+    (4 ranks each), the accumulation derived; a count that cannot keep it is
+    refused in one line."""
     from prelora_hpc.config import load_config
+    from prelora_hpc.engine import BatchSizeError, accumulation_steps, global_batch
 
     cfg = load_config(ROOT / CONFIG)
-    assert cfg.model.name == "vit_large_patch16_224" and cfg.model.num_classes == 1000
-    assert cfg.data.source == "hdf5" and cfg.data.path
-    assert cfg.deepspeed.train_batch_size == 4096
-    assert cfg.deepspeed.train_batch_size % (cfg.deepspeed.micro_batch_size
-                                             * cfg.deepspeed.grad_accum_steps) == 0
-    assert cfg.run.epochs == 300 and cfg.deepspeed.precision == "bf16"
+    for nodes in (1, 2, 8, 32, 64):
+        assert global_batch(cfg, 4 * nodes) == 4096
+    assert accumulation_steps(cfg, 8) == 32 and accumulation_steps(cfg, 256) == 1
+    with pytest.raises(BatchSizeError) as e:
+        global_batch(cfg, 4 * 3)
+    assert "\n" not in str(e.value) and "4096" in str(e.value)
 
 
 # --------------------------------------------------------------------------- #
@@ -235,11 +244,16 @@ def test_reference_config_loads():
 
 
 def polaris(fakes, gpus=4):
-    """A Polaris node: Cray PALS' mpiexec, GPUs, high-speed-network names that resolve."""
+    """A Polaris node: Cray PALS' mpiexec, GPUs, high-speed-network names that
+    resolve, the aws-ofi-nccl plugin (in a directory PRELORA_OFI_NCCL_DIR names)."""
     fakes.gpus(gpus)
     fakes.trainer()
     fakes.mpiexec("pals")
     fakes.resolvable(*HOSTS, "x3006c0s13b0n0.hsn.example")
+    plugin = fakes.tmp / "aws-ofi-nccl" / "lib"
+    plugin.mkdir(parents=True, exist_ok=True)
+    (plugin / "libnccl-net.so").write_text("")
+    return plugin
 
 
 def env_line(comments: str) -> dict:
@@ -249,22 +263,22 @@ def env_line(comments: str) -> dict:
 
 
 def test_launch_pbs(fakes):
-    polaris(fakes)
+    plugin = polaris(fakes)
     nodefile = fakes.nodefile()
-    comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, PBS_JOBID="1.polaris"))
-    assert follows(argv, "-n", "8") and follows(argv, "--ppn", "4")
-    # 16 hardware threads per rank: more than the reference config's 8 DataLoader workers.
-    assert "--depth=16" in argv and follows(argv, "--cpu-bind", "depth")
+    comments, argv = dry_run(fakes, fakes.env(PBS_NODEFILE=nodefile, PBS_JOBID="1.polaris",
+                                              PRELORA_OFI_NCCL_DIR=plugin))
+    assert follows(argv, "-n", "8") and follows(argv, "--ppn", "4") and "--cpu-bind" in argv
     assert "--envall" in argv and follows(argv, "--hostfile", str(nodefile))
     # The affinity wrapper comes right before the trainer.
     i = argv.index(str(AFFINITY))
     assert argv[i + 1] == str(fakes.bin / "prelora-train")
     assert argv[i + 2:] == ["--config", CONFIG, "--output-dir", "runs/x"]
     assert "nodes=2" in comments and "ranks_per_node=4" in comments and "ranks=8" in comments
-    assert "mpi=pals" in comments and "binding=depth:16" in comments
+    assert "mpi=pals" in comments and f"ofi_nccl={plugin}" in comments
     assert "master_addr=x3006c0s13b0n0.hsn.cm.polaris.alcf.anl.gov" in comments
     exported = env_line(comments)
     assert exported["NCCL_NET"] == "AWS Libfabric" and exported["NCCL_NET_GDR_LEVEL"] == "PHB"
+    assert exported["LD_LIBRARY_PATH"].split(":")[0] == str(plugin)
     assert exported["FI_CXI_DEFAULT_CQ_SIZE"] == "131072" and exported["TMPDIR"] == "/tmp"
     assert "warning: --depth" not in comments
 
@@ -465,8 +479,26 @@ SCHEDULERS = {
 }
 
 
+def scheduler_lookup(fakes, known=("78.polaris-pbs", "101.polaris-pbs", "101", "6"), info=""):
+    """Fake qstat and squeue: ``qstat -f JOB`` prints ``info``; ``qstat JOB``
+    and ``squeue -j JOB`` find the jobs in ``known``; every call is logged."""
+    ids = " ".join(known)
+    fakes.add("qstat", f"""
+        printf '%s\\n' "$*" >> "$FAKE_LOG/qstat.calls"
+        if [ "$1" = -f ]; then printf '%s' {shlex.quote(info)}; exit 0; fi
+        for j in {ids}; do [ "$1" = "$j" ] && {{ echo "$j prelora u 0 H prod"; exit 0; }}; done
+        echo "qstat: Unknown Job Id $1" >&2; exit 153
+    """)
+    fakes.add("squeue", f"""
+        job=""; while [ $# -gt 0 ]; do [ "$1" = -j ] && job=$2; shift; done
+        for j in {ids}; do [ "$job" = "$j" ] && {{ echo "$j"; exit 0; }}; done
+        exit 0
+    """)
+
+
 def resubmit(fakes, scheduler, code, left=None, extra_env=None, *args):
     s = SCHEDULERS[scheduler]
+    scheduler_lookup(fakes)
     fakes.recorder(s["submit"], stdout=s["stdout"])
     env = fakes.env(**s["env"], **(extra_env or {}))
     if left is not None:
@@ -481,6 +513,7 @@ def test_resubmit_on_85_with_one_less(fakes, scheduler):
     r, args = resubmit(fakes, scheduler, 85, 5, {"PRELORA_RUN_DIR": "runs/a,b"},
                        "--vars", "PRELORA_RUN_DIR PRELORA_NOT_SET")
     assert args[-2:] == [str(SCHEDULERS[scheduler]["script"]), "--"]
+    assert "shows job 101" in r.stdout and "in the queue" in r.stdout
     if scheduler == "pbs":
         assert args[args.index("-W") + 1] == "depend=afterany:100.polaris-pbs"
         carried = args[args.index("-v") + 1]
@@ -602,26 +635,44 @@ def test_slurm_template_finished_run_does_not_resubmit(fakes, tmp_path):
     assert trainer[-1] == "data.path=/data/in1k.h5"
 
 
-def pbs_fakes(fakes, walltime="01:00:00"):
+def pbs_fakes(fakes, walltime="01:00:00", info=""):
+    """A Polaris job's commands: module and conda (recorded), qsub, qstat
+    (``qstat -f`` prints ``info`` or the walltime), and Cray PALS' mpiexec,
+    which records its options and runs the program behind the affinity
+    wrapper: one process per node of $PBS_NODEFILE under --ppn 1 (each
+    node seeing $FAKE_SCRATCH, when set, as its own directory
+    $FAKE_SCRATCH/nodeI, as node-local disks are), else local rank 0 only."""
     fakes.gpus(4)
     fakes.trainer()
-    fakes.add("module", "exit 0")
-    fakes.add("conda", "exit 0")
-    fakes.add("qstat", f"printf '    Resource_List.walltime = {walltime}\\n'")
-    # mpiexec (Cray PALS on Polaris) records its options, then runs one rank
-    # through the affinity wrapper as local rank 0.
+    fakes.recorder("module")
+    fakes.recorder("conda")
     fakes.mpiexec("pals", """
         printf '%s\\n' "$@" > "$FAKE_LOG/mpiexec.args"
-        while [ $# -gt 0 ] && [[ $1 != */gpu_affinity.sh ]]; do shift; done
-        PMI_LOCAL_RANK=0 exec "$@"
+        echo "$*" >> "$FAKE_LOG/mpiexec.calls"
+        ppn=4
+        while [ $# -gt 0 ] && [[ $1 != */gpu_affinity.sh ]]; do [ "$1" = --ppn ] && ppn=$2; shift; done
+        nodes=$(sort -u "$PBS_NODEFILE" | wc -l)
+        node_args() {
+            args=()
+            for a in "$@"; do
+                if [ -n "${FAKE_SCRATCH:-}" ]; then a=${a//$FAKE_SCRATCH/$FAKE_SCRATCH/node$i}; fi
+                args+=("$a")
+            done
+        }
+        if [ "$ppn" != 1 ]; then i=0; node_args "$@"; PMI_LOCAL_RANK=0 exec "${args[@]}"; fi
+        for ((i = 0; i < nodes; i++)); do
+            node_args "$@"
+            PMI_RANK=$i PMI_LOCAL_RANK=0 "${args[@]}" || exit $?
+        done
     """)
     fakes.recorder("qsub", stdout="78.polaris-pbs")
+    scheduler_lookup(fakes, info=info or f"    Resource_List.walltime = {walltime}\n")
 
 
 def pbs_env(fakes, tmp_path, **extra):
     base = dict(PBS_JOBID="77.polaris-pbs", PBS_NODEFILE=fakes.nodefile(), PBS_O_WORKDIR=ROOT,
                 PRELORA_VENV="", PRELORA_RUN_DIR=tmp_path / "run", PRELORA_MAX_RESUBMITS=3,
-                FAKE_RUN_S=30)
+                FAKE_RUN_S=30, PRELORA_MPIEXEC=fakes.bin / "mpiexec")
     return fakes.env(**{**base, **extra})
 
 
@@ -634,7 +685,7 @@ def test_pbs_template_stops_before_walltime_and_resubmits(fakes, tmp_path):
     # The rank saw SIGTERM from launch.sh's timer, on the reversed GPU.
     assert fakes.log.joinpath("trainer.result").read_text().strip() == "signals=[15] cuda=3"
     mpiexec = fakes.log.joinpath("mpiexec.args").read_text().split()
-    assert follows(mpiexec, "-n", "8") and follows(mpiexec, "--cpu-bind", "depth")
+    assert follows(mpiexec, "-n", "8") and "--cpu-bind" in mpiexec
     qsub = fakes.args("qsub")
     assert qsub[qsub.index("-W") + 1] == "depend=afterany:77.polaris-pbs"
     carried = qsub[qsub.index("-v") + 1].split(",")
@@ -669,6 +720,243 @@ def test_pbs_template_failure_does_not_resubmit(fakes, tmp_path):
     r = run(["bash", PBS], env)
     assert r.returncode == 1 and fakes.args("qsub") == []
     assert "failed" in r.stdout
+
+
+# The first job was submitted with these options (prod, routed to small) and
+# -v variables: `qstat -f` shows them.
+FIRST_JOB = """Job Id: 77.polaris-pbs
+    Job_Name = vitl
+    queue = small
+    Account_Name = MyProject
+    Join_Path = oe
+    Resource_List.filesystems = home:eagle
+    Resource_List.nodect = 10
+    Resource_List.place = scatter
+    Resource_List.select = 10:system=polaris
+    Resource_List.walltime = 02:30:00
+    Variable_List = PBS_O_QUEUE=prod,PBS_O_WORKDIR=/lus/eagle/projects/MyProject/p,
+	MY_SETTING=on
+"""
+
+
+def test_pbs_template_successor_repeats_the_first_jobs_options(fakes, tmp_path):
+    """A job stopped for walltime submits a successor with every option the
+    first qsub had (not only the #PBS lines or PRELORA_SUBMIT_ARGS), then
+    finds it with qstat."""
+    pbs_fakes(fakes, info=FIRST_JOB)
+    env = pbs_env(fakes, tmp_path, FAKE_RUN_S=0, FAKE_EXIT=85, PBS_O_QUEUE="prod",
+                  PRELORA_SUBMIT_ARGS="-m abe")
+    r = run(["bash", PBS], env)
+    assert r.returncode == 85, r.stdout + r.stderr
+    qsub = fakes.args("qsub")
+    for option in (("-A", "MyProject"), ("-q", "prod"), ("-N", "vitl"), ("-j", "oe"),
+                   ("-l", "select=10:system=polaris"), ("-l", "place=scatter"),
+                   ("-l", "walltime=02:30:00"), ("-l", "filesystems=home:eagle"), ("-m", "abe")):
+        assert follows(qsub, *option), (option, qsub)
+    carried = qsub[qsub.index("-v") + 1].split(",")
+    assert "MY_SETTING=on" in carried and "PRELORA_MAX_RESUBMITS=2" in carried
+    assert f"PRELORA_RUN_DIR={tmp_path / 'run'}" in carried
+    assert "78.polaris-pbs" in fakes.log.joinpath("qstat.calls").read_text().split()
+    assert "resubmit.sh: qstat shows job 78.polaris-pbs in the queue" in r.stdout
+
+
+def test_pbs_template_says_when_the_successor_vanished(fakes, tmp_path):
+    """qsub returned 0, but qstat does not know the new job (on Polaris a
+    prod job that fits no execution queue): the job's output says so."""
+    pbs_fakes(fakes)
+    scheduler_lookup(fakes, known=())
+    env = pbs_env(fakes, tmp_path, FAKE_RUN_S=0, FAKE_EXIT=85)
+    r = run(["bash", PBS], env)
+    assert r.returncode == 85 and fakes.args("qsub")
+    assert "resubmit.sh: error: qsub answered '78.polaris-pbs' but qstat does not show job " \
+           "78.polaris-pbs: the successor is not queued and the chain ends here" in r.stderr
+
+
+def test_pbs_template_in_debug_scaling_says_the_chain_ends(fakes, tmp_path):
+    """debug-scaling holds one job per user: the job says at its start that
+    it cannot queue its successor, and does not try."""
+    pbs_fakes(fakes)
+    env = pbs_env(fakes, tmp_path, FAKE_RUN_S=0, FAKE_EXIT=85, PBS_QUEUE="debug-scaling",
+                  PBS_O_QUEUE="debug-scaling")
+    r = run(["bash", PBS], env)
+    assert r.returncode == 85 and fakes.args("qsub") == []
+    line = "resubmit.sh: queue debug-scaling holds one job per user, running or queued: this " \
+           "job cannot queue its successor, so the chain ends with it (submit chains to prod)"
+    assert line in r.stdout
+    assert r.stdout.index(line) < r.stdout.index("polaris.pbs: prelora-train exited")
+    assert "no resubmission: queue debug-scaling" in r.stdout
+
+
+def fake_venv(tmp_path, torch_version=None):
+    """A venv directory whose activate script changes nothing, with a record
+    of its torch and DeepSpeed (this environment's, or ``torch_version``)."""
+    venv = tmp_path / "venvs" / "conda-2025-09-25"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text("# the conda module's python stays first on PATH\n")
+    r = run([sys.executable, VENV_CHECK, "record", venv], os.environ)
+    assert r.returncode == 0, r.stderr
+    if torch_version:
+        record = venv / "prelora-versions.txt"
+        record.write_text(re.sub(r"^torch \S+", f"torch {torch_version}", record.read_text(), flags=re.M))
+    return venv
+
+
+def test_pbs_template_pins_the_module_and_checks_the_venv(fakes, tmp_path):
+    """The job loads the pinned conda module and activates the venv named
+    after it; a venv whose torch is not the one it was built on is refused
+    in one line before anything runs."""
+    pbs_fakes(fakes)
+    fake_venv(tmp_path)
+    env = pbs_env(fakes, tmp_path, FAKE_RUN_S=0, FAKE_EXIT=0, PRELORA_ROOT=ROOT)
+    del env["PRELORA_VENV"]
+    # The venv lives beside a copy of the repository root: PRELORA_VENV's default is relative.
+    env["PRELORA_VENV"] = str(tmp_path / "venvs" / "conda-2025-09-25")
+    r = run(["bash", PBS], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    module = fakes.args("module")
+    assert module[:3] == ["use", "/soft/modulefiles", "--"] and module[3:5] == ["load", "conda/2025-09-25"]
+    shutil.rmtree(tmp_path / "venvs")
+    venv = fake_venv(tmp_path, torch_version="1.0.0")
+    fakes.log.joinpath("trainer.args").unlink()
+    r = run(["bash", PBS], env)
+    assert r.returncode == 1 and not fakes.log.joinpath("trainer.args").exists()
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"venv_versions.py: {venv} was built on other versions than this environment has "
+        "(torch 1.0.0 -> ")
+
+
+def test_venv_default_is_named_after_the_module(fakes, tmp_path):
+    """Without PRELORA_VENV the job activates venvs/<module>; a venv built
+    before the record existed is refused."""
+    pbs_fakes(fakes)
+    root = tmp_path / "repo"
+    shutil.copytree(ROOT / "scripts", root / "scripts")
+    shutil.copytree(ROOT / "jobs", root / "jobs")
+    (root / "venvs" / "conda-2024-04-29" / "bin").mkdir(parents=True)
+    (root / "venvs" / "conda-2024-04-29" / "bin" / "activate").write_text("echo activated $BASH_SOURCE\n")
+    env = pbs_env(fakes, tmp_path, PRELORA_ROOT=root, PRELORA_CONDA_MODULE="conda/2024-04-29",
+                  FAKE_RUN_S=0, FAKE_EXIT=0)
+    del env["PRELORA_VENV"]
+    r = run(["bash", root / "jobs" / "polaris.pbs"], env)
+    assert r.returncode == 1
+    assert f"activated venvs/conda-2024-04-29/bin/activate" in r.stdout
+    assert r.stderr.strip() == ("venv_versions.py: venvs/conda-2024-04-29 has no record of the torch "
+                                "and DeepSpeed it was built on: rebuild it with scripts/polaris_venv.sh")
+
+
+@pytest.mark.parametrize("shards", [0, 2])
+def test_pbs_template_stages_the_data_on_every_node(fakes, tmp_path, shards):
+    """PRELORA_STAGE_DIR: one copy per node (two fake nodes, each seeing its
+    own directory as a node-local disk), verified, and the ranks read it."""
+    pbs_fakes(fakes)
+    eagle = tmp_path / "eagle"
+    eagle.mkdir()
+    if shards:
+        src = eagle / "imagenet1k"
+        src.mkdir()
+        for i in range(shards):
+            (src / f"shard-0000{i}-of-0000{shards}.h5").write_bytes(os.urandom(3_000_000 + i))
+    else:
+        src = eagle / "imagenet1k.h5"
+        src.write_bytes(os.urandom(5_000_000))
+    scratch = tmp_path / "local" / "scratch"
+    env = pbs_env(fakes, tmp_path, FAKE_RUN_S=0, FAKE_EXIT=0, PRELORA_DATA_PATH=src,
+                  PRELORA_STAGE_DIR=scratch, FAKE_SCRATCH=scratch)
+    r = run(["bash", PBS], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    stage_call = fakes.log.joinpath("mpiexec.calls").read_text().splitlines()[0].split()
+    assert follows(stage_call, "-n", "2") and follows(stage_call, "--ppn", "1")
+    files = sorted(src.iterdir()) if shards else [src]
+    for node in ("node0", "node1"):
+        copy = scratch / node / src.name
+        copies = sorted(copy.iterdir()) if shards else [copy]
+        assert [c.read_bytes() for c in copies] == [f.read_bytes() for f in files]
+        assert not [p for p in (scratch / node).rglob(".*partial*")]
+    assert r.stdout.count("verified (size, CRC-32)") == 2
+    trainer = fakes.log.joinpath("trainer.args").read_text().split()
+    assert trainer[-1] == f"data.path={scratch / 'node0' / src.name}"
+    # The successor is given the shared path, not a node's copy.
+    assert str(src) == env["PRELORA_DATA_PATH"]
+
+
+def test_stage_data_refuses_a_missing_source(fakes, tmp_path):
+    pbs_fakes(fakes)
+    env = pbs_env(fakes, tmp_path, FAKE_RUN_S=0, FAKE_EXIT=0,
+                  PRELORA_DATA_PATH=tmp_path / "nothing.h5", PRELORA_STAGE_DIR=tmp_path / "scratch")
+    r = run(["bash", PBS], env)
+    assert r.returncode == 1 and not fakes.log.joinpath("trainer.args").exists()
+    assert f"{tmp_path / 'nothing.h5'} does not exist" in r.stderr
+
+
+def test_convert_job(fakes, tmp_path):
+    """jobs/convert.pbs on two fake nodes: the line asks for 16 ranks, 8 per
+    node; here one real rank writes every shard, which is what the job's
+    prelora-convert command produces."""
+    from PIL import Image
+
+    pbs_fakes(fakes)
+    src = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        for cls in ("n01", "n02"):
+            d = src / split / cls
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(d / f"{i}.JPEG", format="JPEG")
+    out = tmp_path / "eagle" / "imagenet1k"
+    env = pbs_env(fakes, tmp_path, PRELORA_SRC=src, PRELORA_OUT=out, PRELORA_SHARDS=4)
+    r = run(["bash", CONVERT], env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    mpiexec = fakes.log.joinpath("mpiexec.args").read_text().split()
+    assert follows(mpiexec, "-n", "16") and follows(mpiexec, "--ppn", "8")
+    assert Path(mpiexec[mpiexec.index(str(AFFINITY)) + 1]).name == "prelora-convert"
+    assert sorted(p.name for p in out.iterdir()) == [f"shard-0000{i}-of-00004.h5" for i in range(4)]
+    assert "convert.pbs: prelora-convert exited with 0" in r.stdout
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_pbs_template_on_two_nodes_derives_the_accumulation(fakes, tmp_path):
+    """jobs/polaris.pbs as shipped, with the reference config, under a fake
+    PBS of 2 Polaris nodes (4 GPUs each): the template's launch line asks for
+    8 ranks, and those 8 ranks (real ones, on this machine's CPUs, started by
+    the venv's MPICH in place of PALS) reach training with the accumulation
+    derived for them, 16 x 32 x 8 = 4096.
+
+    Exercised: the template, prelora-launch's line, the reference config's
+    batch settings, the trainer's start and one optimizer step. Not
+    exercised: ViT-L, ImageNet, bf16, GPUs, NCCL, two machines. The model,
+    data, precision and step count are replaced through PRELORA_TRAIN_ARGS
+    (the template's override hook) by a tiny fp32 ViT on synthetic images,
+    one step.
+    """
+    real_mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent))
+    if real_mpiexec is None or shutil.which("prelora-train") is None:
+        pytest.skip("the venv's mpiexec and prelora-train are needed (run `make test`)")
+    pbs_fakes(fakes)
+    fakes.trainer().unlink()                    # the real trainer this time
+    fakes.mpiexec("pals", f"""
+        printf '%s\\n' "$@" > "$FAKE_LOG/mpiexec.args"
+        n=$2
+        while [ $# -gt 0 ] && [[ $1 != */gpu_affinity.sh ]]; do shift; done
+        # Hydra would read the fake node file and ssh to its hosts: all ranks here.
+        exec env -u PBS_NODEFILE -u PBS_JOBID {real_mpiexec} -n "$n" "$@"
+    """)
+    tiny = ("model.name=vit_tiny_patch16_224 model.img_size=16 model.patch_size=8 model.embed_dim=16 "
+            "model.depth=1 model.num_heads=1 model.num_classes=10 data.source=synthetic "
+            "data.num_workers=0 data.auto_augment=null data.synthetic_train_size=4096 "
+            "data.synthetic_val_size=64 logging.tensorboard=false run.max_steps=1 "
+            "deepspeed.precision=fp32")
+    env = pbs_env(fakes, tmp_path, PRELORA_TRAIN_ARGS=tiny, PRELORA_MASTER_ADDR="127.0.0.1",
+                  DS_ACCELERATOR="cpu")
+    r = run(["bash", PBS], env, timeout=850)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    mpiexec = fakes.log.joinpath("mpiexec.args").read_text().split()
+    assert follows(mpiexec, "-n", "8") and follows(mpiexec, "--ppn", "4")
+    out = r.stdout + r.stderr
+    assert "global batch 4096 = 16 micro x 32 accum (auto) x 8 ranks" in out, out[-3000:]
+    assert "training finished (exit 0): no resubmission" in out
 
 
 # --------------------------------------------------------------------------- #

@@ -765,7 +765,8 @@ def test_chain_submits_and_confirms(capsys):
     out = capsys.readouterr().out
     assert calls[0][0] == "qsub" and follows(calls[0], "-q", "prod")
     assert calls[1] == [f"{BIN}/qstat", "78.polaris-pbs-01"]
-    assert "resubmit.sh: submitted 78.polaris-pbs-01; qstat shows it queued" in out
+    assert "resubmit.sh: submitted: 78.polaris-pbs-01\nresubmit.sh: qstat shows job 78.polaris-pbs-01 " \
+           "in the queue" in out
 
 
 def test_chain_reports_a_successor_that_vanished(capsys):
