@@ -17,7 +17,11 @@ without a scheduler:
   TMPDIR, NCCL/libfabric settings and the aws-ofi-nccl plugin, Hydra's
   remote-shell watch) and warnings;
 - :func:`launch_line`: the argv of mpiexec or srun around the program;
-- :func:`seconds_left`: the job's walltime left, for the stop timer.
+- :func:`seconds_left`: the job's walltime left, for the stop timer;
+- :func:`chain_break`, :func:`pbs_resubmission`, :func:`slurm_resubmission`:
+  whether a job can queue its successor and the successor's submission
+  line, every option of the running job repeated; :func:`chain_main` is
+  scripts/resubmit.sh's entry point (submit, then confirm with qstat/squeue).
 
 :func:`main` prints the line (``--dry-run``, ``--print``) or runs it and
 returns the program's exit status (85: stopped on a walltime signal after a

@@ -807,10 +807,8 @@ def test_pbs_template_pins_the_module_and_checks_the_venv(fakes, tmp_path):
     in one line before anything runs."""
     pbs_fakes(fakes)
     fake_venv(tmp_path)
-    env = pbs_env(fakes, tmp_path, FAKE_RUN_S=0, FAKE_EXIT=0, PRELORA_ROOT=ROOT)
-    del env["PRELORA_VENV"]
-    # The venv lives beside a copy of the repository root: PRELORA_VENV's default is relative.
-    env["PRELORA_VENV"] = str(tmp_path / "venvs" / "conda-2025-09-25")
+    env = pbs_env(fakes, tmp_path, FAKE_RUN_S=0, FAKE_EXIT=0,
+                  PRELORA_VENV=tmp_path / "venvs" / "conda-2025-09-25")
     r = run(["bash", PBS], env)
     assert r.returncode == 0, r.stdout + r.stderr
     module = fakes.args("module")
@@ -840,7 +838,7 @@ def test_venv_default_is_named_after_the_module(fakes, tmp_path):
     del env["PRELORA_VENV"]
     r = run(["bash", root / "jobs" / "polaris.pbs"], env)
     assert r.returncode == 1
-    assert f"activated venvs/conda-2024-04-29/bin/activate" in r.stdout
+    assert "activated venvs/conda-2024-04-29/bin/activate" in r.stdout
     assert r.stderr.strip() == ("venv_versions.py: venvs/conda-2024-04-29 has no record of the torch "
                                 "and DeepSpeed it was built on: rebuild it with scripts/polaris_venv.sh")
 
@@ -861,10 +859,10 @@ def test_pbs_template_stages_the_data_on_every_node(fakes, tmp_path, shards):
         src = eagle / "imagenet1k.h5"
         src.write_bytes(os.urandom(5_000_000))
     scratch = tmp_path / "local" / "scratch"
-    env = pbs_env(fakes, tmp_path, FAKE_RUN_S=0, FAKE_EXIT=0, PRELORA_DATA_PATH=src,
+    env = pbs_env(fakes, tmp_path, FAKE_RUN_S=0, FAKE_EXIT=85, PRELORA_DATA_PATH=src,
                   PRELORA_STAGE_DIR=scratch, FAKE_SCRATCH=scratch)
     r = run(["bash", PBS], env)
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == 85, r.stdout + r.stderr
     stage_call = fakes.log.joinpath("mpiexec.calls").read_text().splitlines()[0].split()
     assert follows(stage_call, "-n", "2") and follows(stage_call, "--ppn", "1")
     files = sorted(src.iterdir()) if shards else [src]
@@ -876,8 +874,10 @@ def test_pbs_template_stages_the_data_on_every_node(fakes, tmp_path, shards):
     assert r.stdout.count("verified (size, CRC-32)") == 2
     trainer = fakes.log.joinpath("trainer.args").read_text().split()
     assert trainer[-1] == f"data.path={scratch / 'node0' / src.name}"
-    # The successor is given the shared path, not a node's copy.
-    assert str(src) == env["PRELORA_DATA_PATH"]
+    # The successor is given the shared path, not a node's copy, and stages again.
+    qsub = fakes.args("qsub")
+    carried = qsub[qsub.index("-v") + 1].split(",")
+    assert f"PRELORA_DATA_PATH={src}" in carried and f"PRELORA_STAGE_DIR={scratch}" in carried
 
 
 def test_stage_data_refuses_a_missing_source(fakes, tmp_path):
