@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -96,20 +97,42 @@ def loader_rate(ds: torch.utils.data.Dataset, workers: int, batch_size: int, bat
     the trainer's sampler gives them (``ShardedSampler(with_seeds=True)``):
     the seeding is part of what a training sample costs.
     """
+    return loader_rates(ds, workers, batch_size, batches, seed)[0]
+
+
+def loader_rates(ds: torch.utils.data.Dataset, workers: int, batch_size: int, batches: int,
+                 seed: int = 0) -> tuple[float, float]:
+    """``loader_rate``'s images/s, and images per CPU-second of the process(es)
+    producing them (the workers; the main process with 0 workers) over all
+    ``batches + 1`` batches: what one worker delivers on a core of its own,
+    which other jobs on a shared machine change far less than the wall clock.
+    """
     keys = sample_keys(len(ds), batch_size * (batches + 1), seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=keys, num_workers=workers)
+    cpu0 = _cpu_seconds(workers)
     it = iter(loader)
-    next(it)
+    first = len(next(it)[1])
     t0 = time.perf_counter()
     n = sum(len(y) for _, y in it)
-    return n / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    # Workers exit and are reaped when the iterator ends; then their CPU time counts.
+    del it
+    cpu = _cpu_seconds(workers) - cpu0
+    return n / wall, (n + first) / cpu if cpu > 0 else float("nan")
+
+
+def _cpu_seconds(workers: int) -> float:
+    if workers == 0:
+        return time.process_time()
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 STAGES = ("read", "decode", "crop", "augment")
 
 
 def stage_times(ds: HDF5ImageDataset, keys: list[tuple[int, int]]) -> dict[str, float]:
-    """Milliseconds per training sample in each stage, in this process, over ``keys``.
+    """CPU milliseconds per training sample in each stage, in this process, over ``keys``.
 
     read: HDF5 bytes and the file header; decode: pixels (with a
     ``DecodingTransform``, i.e. jpeg_draft, the crop and resize too, which
@@ -126,23 +149,35 @@ def stage_times(ds: HDF5ImageDataset, keys: list[tuple[int, int]]) -> dict[str, 
     spent = dict.fromkeys(STAGES, 0.0)
 
     def timed_decode(im: Image.Image) -> Image.Image:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         img = decode(im)
-        spent["decode"] += time.perf_counter() - t0
+        spent["decode"] += time.process_time() - t0
         return img
 
-    for index, seed in keys:
-        with seeded_rng(seed):
-            t0 = time.perf_counter()
-            decoded_before = spent["decode"]
-            img = ds.load_image(index, timed_decode)
-            spent["read"] += time.perf_counter() - t0 - (spent["decode"] - decoded_before)
-            for name, f in (("crop", crop), ("augment", augment)):
-                if f is not None:
-                    t0 = time.perf_counter()
-                    img = f(img)
-                    spent[name] += time.perf_counter() - t0
+    # One intra-op thread, as in a DataLoader worker: more would add their
+    # spinning to the CPU time.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for index, seed in keys:
+            _time_sample(ds, index, seed, timed_decode, crop, augment, spent)
+    finally:
+        torch.set_num_threads(threads)
     return {k: 1e3 * v / len(keys) for k, v in spent.items()}
+
+
+def _time_sample(ds, index, seed, timed_decode, crop, augment, spent) -> None:
+    """Add one seeded sample's CPU seconds per stage to ``spent``."""
+    with seeded_rng(seed):
+        t0 = time.process_time()
+        decoded_before = spent["decode"]
+        img = ds.load_image(index, timed_decode)
+        spent["read"] += time.process_time() - t0 - (spent["decode"] - decoded_before)
+        for name, f in (("crop", crop), ("augment", augment)):
+            if f is not None:
+                t0 = time.process_time()
+                img = f(img)
+                spent[name] += time.process_time() - t0
 
 
 def step_rate(model_name: str, num_classes: int, img_size: int, batch_size: int, steps: int,
@@ -248,16 +283,19 @@ def run(args: argparse.Namespace, path: Path) -> dict:
     rounds = args.rounds or (4 if args.compare_draft else 1)
     workers = range(args.min_workers, args.max_workers + 1)
     rates = {(d, w): [] for d in variants for w in workers}
+    cpu_rates = {(d, w): [] for d in variants for w in workers}
     stages = {d: [] for d in variants}
     keys = sample_keys(len(datasets[variants[0]]), args.breakdown)
     for r in range(rounds):
         # Alternate the order too, so neither setting always runs first.
         for draft in variants if r % 2 == 0 else variants[::-1]:
             for w in workers:
-                rate = loader_rate(datasets[draft], w, args.batch_size, args.batches)
+                rate, cpu_rate = loader_rates(datasets[draft], w, args.batch_size, args.batches)
                 rates[draft, w].append(rate)
+                cpu_rates[draft, w].append(cpu_rate)
                 print(f"  round {r + 1}/{rounds}, jpeg_draft {str(draft).lower()}, {w} worker(s): "
-                      f"{rate:8.1f} img/s", file=sys.stderr, flush=True)
+                      f"{rate:8.1f} img/s, {cpu_rate:8.1f} img per CPU-s, load {os.getloadavg()[0]:.1f}",
+                      file=sys.stderr, flush=True)
             if keys:
                 stages[draft].append(stage_times(datasets[draft], keys))
 
@@ -266,7 +304,9 @@ def run(args: argparse.Namespace, path: Path) -> dict:
         for w in workers:
             rate = statistics.median(rates[draft, w])
             out.append({"workers": w, "images_per_s": rate, "per_worker": rate / max(w, 1),
-                        "jpeg_draft": draft, "rounds": rates[draft, w]})
+                        "per_cpu_second": statistics.median(cpu_rates[draft, w]),
+                        "jpeg_draft": draft, "rounds": rates[draft, w],
+                        "rounds_per_cpu_second": cpu_rates[draft, w]})
         return out
 
     if args.demand is not None:
@@ -296,12 +336,14 @@ def run(args: argparse.Namespace, path: Path) -> dict:
         per_worker_draft = _per_worker(drafted)
         result["draft"] = {
             "loader": drafted,
-            "ratio": [{"workers": w, "ratios": [b / a for a, b in zip(rates[False, w], rates[True, w])]}
+            "ratio": [{"workers": w, "ratios": [b / a for a, b in zip(rates[False, w], rates[True, w])],
+                       "cpu_ratios": [b / a for a, b in zip(cpu_rates[False, w], cpu_rates[True, w])]}
                       for w in workers],
             "workers_needed": math.ceil(demand / per_worker_draft) if per_worker_draft > 0 else None,
         }
         for entry in result["draft"]["ratio"]:
             entry["median"] = statistics.median(entry["ratios"])
+            entry["cpu_median"] = statistics.median(entry["cpu_ratios"])
     if keys:
         result["stages_ms"] = {("jpeg_draft" if d else "full_decode"):
                                {k: statistics.median(s[k] for s in stages[d]) for k in STAGES}
@@ -315,20 +357,21 @@ def format_table(r: dict) -> str:
     lines = [f"data: {d['path']} [{d['split']}], {d['images']} images, {d['img_size']} px, "
              f"batch {d['batch_size']}, auto_augment {d['auto_augment']}, {d['rounds']} round(s)"]
     if "draft" in r:
-        lines.append("workers   img/s   img/s per worker   with jpeg_draft   per worker   ratio (median, range)")
+        lines.append("workers | full decode: img/s, per worker, per CPU-s | jpeg_draft: img/s, per worker, "
+                     "per CPU-s | draft/full (median, range): wall, CPU")
         for s, t, q in zip(r["loader"], r["draft"]["loader"], r["draft"]["ratio"]):
-            per = "(main)" if s["workers"] == 0 else f"{s['per_worker']:.1f}"
-            per_t = "(main)" if t["workers"] == 0 else f"{t['per_worker']:.1f}"
-            lines.append(f"{s['workers']:>7} {s['images_per_s']:>7.1f}   {per:>16}   "
-                         f"{t['images_per_s']:>15.1f}   {per_t:>10}   {q['median']:.3f} "
-                         f"({min(q['ratios']):.3f}-{max(q['ratios']):.3f})")
+            lines.append(f"{s['workers']:>7} | {s['images_per_s']:7.1f} {s['per_worker']:7.1f} "
+                         f"{s['per_cpu_second']:7.1f} | {t['images_per_s']:7.1f} {t['per_worker']:7.1f} "
+                         f"{t['per_cpu_second']:7.1f} | {q['median']:.3f} ({min(q['ratios']):.3f}-"
+                         f"{max(q['ratios']):.3f}), {q['cpu_median']:.3f} ({min(q['cpu_ratios']):.3f}-"
+                         f"{max(q['cpu_ratios']):.3f})")
     else:
-        lines.append("workers   img/s   img/s per worker")
+        lines.append("workers   img/s   img/s per worker   img per CPU-s")
         for s in r["loader"]:
             per = "(main process)" if s["workers"] == 0 else f"{s['per_worker']:.1f}"
-            lines.append(f"{s['workers']:>7} {s['images_per_s']:>7.1f}   {per}")
+            lines.append(f"{s['workers']:>7} {s['images_per_s']:>7.1f}   {per:>16}   {s['per_cpu_second']:>13.1f}")
     for variant, ms in r.get("stages_ms", {}).items():
-        lines.append(f"ms per image, {variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
+        lines.append(f"CPU ms per image, {variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
                      + f" (total {sum(ms.values()):.2f})")
     t = r["train_step"]
     if t["device"] == "given":

@@ -227,6 +227,7 @@ def test_loader_bench_compares_draft_against_full_decode(tmp_path):
     plain, drafted = r["loader"], r["draft"]["loader"]
     assert [s["jpeg_draft"] for s in plain] == [False] and [s["jpeg_draft"] for s in drafted] == [True]
     assert len(plain[0]["rounds"]) == len(drafted[0]["rounds"]) == 2
+    assert plain[0]["per_cpu_second"] > 0 and drafted[0]["per_cpu_second"] > 0
     (ratio,) = r["draft"]["ratio"]
     assert ratio["ratios"] == pytest.approx([b / a for a, b in zip(plain[0]["rounds"], drafted[0]["rounds"])])
     # The demand is the given one; no training step ran.
