@@ -128,6 +128,9 @@ def _train(argv: Optional[list[str]], stop) -> int:
         if not isinstance(e, (ConfigError, ValueError, FileNotFoundError, OSError)) \
                 and describe_lost_peer(str(e)) is None:
             traceback.print_exc()
+        if trainer is not None:
+            # Its workers ignore SIGTERM: end them before the exit waits on them.
+            trainer.loaders.close()
         if lock is not None:
             lock.release()      # MPI_Abort ends this process before `finally`
         abort(f"{type(e).__name__}: {e}", 1)

@@ -108,6 +108,11 @@ class DataConfig:
     """Number of validation samples for source=synthetic."""
     on_bad_sample: Literal["fail", "skip"] = "fail"
     """What a sample that fails to decode does at training time."""
+    jpeg_draft: bool = False
+    """Let the JPEG decoder scale down in the DCT (PIL's ``Image.draft``) to
+    the smallest size the training crop still fills at img_size. Faster
+    decode of large JPEGs; pixels differ slightly from a full decode, so
+    it is opt-in."""
 
     def check(self, err):
         if self.source == "hdf5" and not self.path:
@@ -270,8 +275,11 @@ class LoRAConfig:
 class DeepSpeedConfig:
     micro_batch_size: int = 32
     """Images per rank per forward pass."""
-    grad_accum_steps: int = 1
-    """Micro batches per optimizer step."""
+    grad_accum_steps: Union[int, Literal["auto"]] = "auto"
+    """Micro batches per optimizer step. 'auto': train_batch_size /
+    (micro_batch_size x world size), so the global batch (and the learning
+    rate tuned for it) holds on any allocation; 1 when train_batch_size is
+    null."""
     train_batch_size: Optional[int] = None
     """Global batch; null = micro_batch_size x grad_accum_steps x world size.
     When set, it must equal that product at launch."""
@@ -293,9 +301,11 @@ class DeepSpeedConfig:
     def check(self, err):
         if self.micro_batch_size <= 0:
             err("micro_batch_size", "must be > 0")
-        if self.grad_accum_steps <= 0:
-            err("grad_accum_steps", "must be > 0")
-        if self.train_batch_size is not None:
+        if self.grad_accum_steps != "auto" and self.grad_accum_steps <= 0:
+            err("grad_accum_steps", "must be > 0 or 'auto'")
+        if self.train_batch_size is not None and self.train_batch_size <= 0:
+            err("train_batch_size", "must be > 0 or null")
+        if self.train_batch_size is not None and self.grad_accum_steps != "auto":
             per = self.micro_batch_size * self.grad_accum_steps
             if self.train_batch_size <= 0 or self.train_batch_size % per:
                 err("train_batch_size",

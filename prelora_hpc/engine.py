@@ -47,6 +47,29 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     return p
 
 
+def accumulation_steps(cfg: Config, world_size: int) -> int:
+    """Micro batches per optimizer step on ``world_size`` ranks.
+
+    ``deepspeed.grad_accum_steps: auto`` derives it from
+    ``train_batch_size / (micro_batch_size x world_size)`` (1 when no
+    global batch is set), so a job keeps its global batch on any node count.
+    Raises BatchSizeError, in one line, when that does not divide.
+    """
+    ds = cfg.deepspeed
+    if ds.grad_accum_steps != "auto":
+        return ds.grad_accum_steps
+    if ds.train_batch_size is None:
+        return 1
+    per_step = ds.micro_batch_size * world_size
+    if ds.train_batch_size % per_step:
+        raise BatchSizeError(
+            f"deepspeed.train_batch_size={ds.train_batch_size} is not a multiple of "
+            f"micro_batch_size {ds.micro_batch_size} x world size {world_size} = {per_step}, "
+            f"so grad_accum_steps: auto cannot keep it; choose a node count or micro batch "
+            f"that divides it")
+    return ds.train_batch_size // per_step
+
+
 def global_batch(cfg: Config, world_size: int) -> int:
     """Images per optimizer step over all ranks; checks the config's value.
 
@@ -54,12 +77,13 @@ def global_batch(cfg: Config, world_size: int) -> int:
     micro_batch_size x grad_accum_steps x world_size.
     """
     ds = cfg.deepspeed
-    product = ds.micro_batch_size * ds.grad_accum_steps * world_size
+    accum = accumulation_steps(cfg, world_size)
+    product = ds.micro_batch_size * accum * world_size
     if ds.train_batch_size is not None and ds.train_batch_size != product:
         raise BatchSizeError(
             f"deepspeed.train_batch_size={ds.train_batch_size} but micro_batch_size "
-            f"{ds.micro_batch_size} x grad_accum_steps {ds.grad_accum_steps} x world size "
-            f"{world_size} = {product}")
+            f"{ds.micro_batch_size} x grad_accum_steps {accum} x world size "
+            f"{world_size} = {product}; set deepspeed.grad_accum_steps: auto to derive it")
     return product
 
 
@@ -71,7 +95,7 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str,
     out = {
         "train_batch_size": global_batch(cfg, world_size),
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,
-        "gradient_accumulation_steps": ds.grad_accum_steps,
+        "gradient_accumulation_steps": accumulation_steps(cfg, world_size),
         "gradient_clipping": ds.gradient_clipping,
         "zero_optimization": {"stage": ds.zero_stage},
         "steps_per_print": 10**9,

@@ -415,14 +415,17 @@ class StopSignal:
     """Records a stop request so the trainer can stop at the next step boundary.
 
     The walltime warnings (SIGTERM from PBS, SIGUSR1 from Slurm's
-    ``--signal``) and Ctrl-C (SIGINT) all stop the same way: the handler only
+    ``--signal``), a hang-up (SIGHUP) and Ctrl-C (SIGINT) all stop the same
+    way: the handler only
     sets a flag; the trainer all-reduces it, so every rank stops at the same
     step even when the signal reached only some of them, writes a checkpoint
     and exits (``exit_code``). A second SIGINT ends the process at once, with
     one line and exit 130, and no checkpoint beyond the last complete one.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    #: Also the signals DataLoader workers ignore (the scheduler's
+    #: signals reach every process of a job).
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: Optional[int] = None

@@ -48,15 +48,16 @@ class RunLog:
 
     # ------------------------------------------------------------ the run
     def start(self, *, world_size: int, device, backend: str, precision: str,
-              global_batch: int, steps_per_epoch: int, total_steps: int, window_steps: int,
+              global_batch: int, accum: int, steps_per_epoch: int, total_steps: int, window_steps: int,
               params_total: int, trainable: int, stage: int, resumed_from: Optional[str],
               resumed_step: int) -> None:
         """The run's shape: mode, ranks, batch, steps, model size, stage."""
         cfg, ds = self.cfg, self.cfg.deepspeed
         self.info(f"mode {cfg.run.mode}, {world_size} rank(s) on {device.type} "
                   f"({backend}), {precision}, ZeRO {ds.zero_stage}")
+        how = " (auto)" if ds.grad_accum_steps == "auto" else ""
         self.info(f"global batch {global_batch} = {ds.micro_batch_size} micro x "
-                  f"{ds.grad_accum_steps} accum x {world_size} ranks; "
+                  f"{accum} accum{how} x {world_size} ranks; "
                   f"{steps_per_epoch} steps/epoch, {total_steps} steps in all; window "
                   f"{window_steps} steps")
         self.info(f"model {cfg.model.name}: {params_total:,} parameters, "

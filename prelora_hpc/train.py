@@ -30,8 +30,8 @@ from .checkpoint_policy import CheckpointManager
 from .config import Config, dump_config
 from .convergence import NormTracker, UpdateTracker
 from .data import build_dataloaders, prepare_data
-from .engine import (build_engine, current_lr, destroy_engine, extract_state, global_batch, lr_at,
-                     restore_state, resolve_precision)
+from .engine import (accumulation_steps, build_engine, current_lr, destroy_engine, extract_state,
+                     global_batch, lr_at, restore_state, resolve_precision)
 from .evaluate import evaluate
 from .launch import DistInfo, StopSignal
 from .lora import lora_modules
@@ -151,6 +151,8 @@ class DataPlan:
     """The run's loaders and its length in optimizer steps."""
 
     loaders: Any
+    accum: int
+    """Micro batches per optimizer step (``deepspeed.grad_accum_steps``, resolved)."""
     steps_per_epoch: int
     total_steps: int
     window_steps: int
@@ -163,19 +165,24 @@ def plan_data(cfg: Config, dist: DistInfo) -> DataPlan:
         prepare_data(cfg.data)
     tdist.barrier()
     ds = cfg.deepspeed
+    accum = accumulation_steps(cfg, dist.world_size)
+    # Epochs are trimmed to whole optimizer steps, so DeepSpeed's
+    # accumulation boundaries fall on the same micro batches in every epoch.
     loaders = build_dataloaders(cfg.data, cfg.model, ds.micro_batch_size, dist.rank,
-                                dist.world_size, cfg.run.seed)
+                                dist.world_size, cfg.run.seed, accum=accum,
+                                worker_ignores=StopSignal.SIGNALS)
     loaders.train_sampler.set_epoch(0)
-    samples = len(loaders.train_sampler)
-    steps_per_epoch = samples // (ds.micro_batch_size * ds.grad_accum_steps)
+    step_samples = ds.micro_batch_size * accum
+    steps_per_epoch = len(loaders.train_sampler) // step_samples
     if steps_per_epoch == 0:
-        raise ValueError(f"an epoch has {samples} samples per rank, fewer than one optimizer "
-                         f"step needs (micro_batch_size x grad_accum_steps)")
+        raise ValueError(f"an epoch has {loaders.train_size // dist.world_size} samples per rank, "
+                         f"fewer than one optimizer step needs (micro_batch_size x "
+                         f"grad_accum_steps = {step_samples})")
     total = steps_per_epoch * cfg.run.epochs
     if cfg.run.max_steps is not None:
         total = min(total, cfg.run.max_steps)
     ws = cfg.prelora.window_steps
-    return DataPlan(loaders, steps_per_epoch, total, steps_per_epoch if ws == "epoch" else ws)
+    return DataPlan(loaders, accum, steps_per_epoch, total, steps_per_epoch if ws == "epoch" else ws)
 
 
 def build_switch(cfg: Config, model: nn.Module, dist: DistInfo
@@ -216,7 +223,7 @@ class Trainer:
         # order is sharded by the sampler, augmentation seeded per rank.
         seed_all(cfg.run.seed)
         plan = plan_data(cfg, dist)
-        self.loaders, self.steps_per_epoch = plan.loaders, plan.steps_per_epoch
+        self.loaders, self.accum, self.steps_per_epoch = plan.loaders, plan.accum, plan.steps_per_epoch
         self.total_steps, self.window_steps = plan.total_steps, plan.window_steps
         self.model = build_model(cfg.model)
         # Identical weights came from the shared seed; from here on each rank
@@ -243,7 +250,7 @@ class Trainer:
             self.checkpoints.restore(self.engine, self, point)
             self.log.resumed(point.path, self.p.stage, self.p.global_step, self.p.epoch)
         self.log.start(world_size=dist.world_size, device=self.device, backend=dist.backend,
-                       precision=self.precision, global_batch=self.global_batch,
+                       precision=self.precision, global_batch=self.global_batch, accum=self.accum,
                        steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
                        window_steps=self.window_steps, params_total=self.params_total,
                        trainable=self.trainable_count(), stage=self.p.stage,
@@ -374,20 +381,18 @@ class Trainer:
 
     def train(self) -> int:
         """Run to the end (0) or to a stop signal (85 walltime, 130 Ctrl-C)."""
-        accum = self.cfg.deepspeed.grad_accum_steps
         self.model.train()
         t_run = time.perf_counter()
+        sampler = self.loaders.train_sampler
         while self.p.epoch < self.cfg.run.epochs and self.p.global_step < self.total_steps:
-            self.loaders.train_sampler.set_epoch(self.p.epoch, start=self.p.samples_in_epoch)
-            micro = 0
+            sampler.set_epoch(self.p.epoch, start=self.p.samples_in_epoch)
             for x, y in self.loaders.train:
                 res = self.train_step(x, y)
-                micro += 1
                 self.p.samples_in_epoch += len(y)
                 self.log.count_samples(len(y) * self.dist.world_size)
                 self.losses.add(res.loss)
-                if micro % accum:
-                    continue  # stop and count only at optimizer-step boundaries
+                if not res.boundary:
+                    continue  # DeepSpeed's boundary: stop and count only at optimizer steps
                 self.on_optimizer_step(None if res.nonfinite else res.loss)
                 if res.stop:
                     return self.stop_for_signal()
@@ -397,7 +402,7 @@ class Trainer:
                 self.end_epoch()
                 continue
             # Stopped by run.max_steps: the epoch still ends if its last step ran.
-            if self.p.samples_in_epoch >= self.steps_per_epoch * accum * self.cfg.deepspeed.micro_batch_size:
+            if self.p.samples_in_epoch >= sampler.epoch_length():
                 self.end_epoch()
         self.finish(time.perf_counter() - t_run)
         return 0
@@ -461,8 +466,10 @@ class Trainer:
                      params_total=self.params_total, skipped_steps=self.p.skipped_steps)
 
     def close(self) -> None:
-        """Release the engine and files; safe to call twice."""
+        """Release the engine, the data workers and files; safe to call twice."""
         self.log.close()
+        if getattr(self, "loaders", None) is not None:
+            self.loaders.close()
         if getattr(self, "engine", None) is not None:
             destroy_engine(self.engine)
             self.engine = None

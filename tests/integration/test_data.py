@@ -398,6 +398,19 @@ def test_sampler_drop_last_gives_every_rank_the_same_count():
     assert len(set(sum(lists, []))) == 20
 
 
+def test_sampler_trims_each_rank_to_whole_optimizer_steps():
+    """135 images per rank in micro batches of 15 with accumulation 2: 120
+    images, 4 whole steps; the ranks still share one permutation."""
+    plain = [list(ShardedSampler(270, r, 2, seed=3)) for r in range(2)]
+    trimmed = [ShardedSampler(270, r, 2, seed=3, multiple_of=30) for r in range(2)]
+    for s in trimmed:
+        s.set_epoch(0)
+    assert [len(s) for s in trimmed] == [120, 120]
+    assert [list(s) for s in trimmed] == [p[:120] for p in plain]
+    trimmed[0].set_epoch(1, start=90)
+    assert len(list(trimmed[0])) == 30
+
+
 def test_validation_sampler_covers_everything_in_order():
     lists = [list(ShardedSampler(10, r, 3, shuffle=False, drop_last=False)) for r in range(3)]
     assert lists == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
