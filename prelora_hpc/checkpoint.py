@@ -12,6 +12,9 @@ Layout under the run directory::
       step00000200-stage3/        a stage-switch checkpoint (kept forever)
       step00000124.saving/        a checkpoint being written (never resumed)
       step00000096.damaged/       one that failed verification, set aside
+      step00000120.universal/     DeepSpeed's universal (world-size independent)
+                                  copy, made when a ZeRO 1/2 checkpoint is
+                                  resumed on another number of ranks
 
 The sidecar is read before the engine is built, so a resume in stage 2 or 3
 first injects LoRA with the saved ranks and freezes what was frozen, then
@@ -24,16 +27,27 @@ the sidecar, fsyncs, renames the directory to ``TAG`` and only then moves
 the previous checkpoint as latest. A resume verifies sizes and checksums
 (again split over the ranks) before DeepSpeed reads anything, and falls back
 to the newest checkpoint that verifies.
+
+ZeRO 1/2 partition the optimizer state over the ranks that wrote it. To
+resume on another number of ranks, rank 0 converts the checkpoint once with
+DeepSpeed's ``ds_to_universal`` into ``TAG.universal`` (sealed with its own
+sidecar, reused by later resumes) and the engine loads that copy with
+DeepSpeed's universal loader (tested on DeepSpeed 0.17.6 and 0.19.8).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import errno
+import io
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +65,12 @@ LATEST = "latest"
 SAVING = ".saving"
 #: Suffix given to a checkpoint directory that failed verification.
 DAMAGED = ".damaged"
+#: Suffix of a checkpoint's universal copy (DeepSpeed's world-size-independent layout).
+UNIVERSAL = ".universal"
+#: The oldest DeepSpeed whose universal checkpoint the resume was tested with.
+UNIVERSAL_MIN_DEEPSPEED = (0, 17, 6)
+#: DeepSpeed's name of the (one, without model parallelism) model-states file.
+MODEL_STATES = "mp_rank_00_model_states.pt"
 _CHUNK = 8 << 20
 
 
@@ -97,6 +117,9 @@ class ResumePoint:
     """name -> {"size", "crc32"} as written; None in a sidecar older than checksums."""
     notes: list[str] = field(default_factory=list)
     """What a resume skipped on the way to this checkpoint, one line each."""
+    universal: Optional[Path] = None
+    """The universal copy the engine loads instead (``universal_copy``), when
+    ZeRO 1/2 partitions of another world size are resumed; else None."""
 
     @property
     def load_dir(self) -> Path:
@@ -111,26 +134,60 @@ class ResumePoint:
         return sum(1 for name in self.files if re.fullmatch(r"rng_rank\d+\.pt", name))
 
 
+def deepspeed_universal_support() -> Optional[str]:
+    """None when the installed DeepSpeed can convert and load universal
+    checkpoints as this module uses them, else why not (one phrase)."""
+    import deepspeed
+
+    version = getattr(deepspeed, "__version__", "unknown")
+    parts = re.findall(r"\d+", version)[:3]
+    if len(parts) < 3 or tuple(map(int, parts)) < UNIVERSAL_MIN_DEEPSPEED:
+        need = ".".join(map(str, UNIVERSAL_MIN_DEEPSPEED))
+        return f"DeepSpeed {version} is installed; resuming on another world size needs {need} or newer"
+    try:
+        from deepspeed.checkpoint import ds_to_universal  # noqa: F401
+    except ImportError as e:
+        return f"DeepSpeed {version} has no usable deepspeed.checkpoint.ds_to_universal ({e})"
+    return None
+
+
+def needs_universal(point: ResumePoint, zero_stage: int, world_size: int) -> bool:
+    """Whether ``point`` holds ZeRO 1/2 partitions of another world size, so
+    it resumes through its universal copy."""
+    saved = point.world_size
+    return saved is not None and saved != world_size and zero_stage in (1, 2)
+
+
 def check_world_size(point: ResumePoint, zero_stage: int, world_size: int) -> Optional[str]:
     """Whether ``point`` can be resumed on ``world_size`` ranks.
 
-    Raises CheckpointError (one line, the same on every rank) when ZeRO
-    partitioned the optimizer state over another number of ranks: DeepSpeed
-    cannot load those partitions onto a different world. Returns a note
-    for a ZeRO 0 checkpoint of another world size (it loads; the global
-    batch follows the new world), else None.
+    Returns None for the same world size, else a note: a ZeRO 0 checkpoint
+    loads as it is, a ZeRO 1/2 one through its universal copy
+    (``universal_copy``). Raises CheckpointError (one line, the same on
+    every rank) for ZeRO 3 partitions of another world size, and for ZeRO
+    1/2 ones where the installed DeepSpeed cannot convert them.
     """
     saved = point.world_size
     if saved is None or saved == world_size:
         return None
-    if zero_stage >= 1:
+    batch = ("the global batch changes with the world size unless "
+             "deepspeed.train_batch_size/grad_accum_steps keep it")
+    if zero_stage >= 3:
         raise CheckpointError(
             f"checkpoint {point.path} was written by {saved} ranks under ZeRO {zero_stage}, "
             f"whose optimizer state is partitioned over them; it cannot be resumed on "
-            f"{world_size} ranks (run on {saved} ranks, or resume a ZeRO 0 run)")
-    return (f"checkpoint {point.path} was written by {saved} ranks, resumed on {world_size}: "
-            f"the global batch changes with the world size unless "
-            f"deepspeed.train_batch_size/grad_accum_steps keep it")
+            f"{world_size} ranks (run on {saved} ranks; ZeRO 0, 1 and 2 checkpoints resume on "
+            f"any number)")
+    if zero_stage in (1, 2):
+        why = deepspeed_universal_support()
+        if why is not None:
+            raise CheckpointError(
+                f"checkpoint {point.path} was written by {saved} ranks under ZeRO {zero_stage} "
+                f"and cannot be resumed on {world_size} ranks here: {why} (run on {saved} "
+                f"ranks, or install a newer DeepSpeed)")
+        return (f"checkpoint {point.path} was written by {saved} ranks under ZeRO {zero_stage}, "
+                f"resumed on {world_size} through its universal copy; {batch}")
+    return f"checkpoint {point.path} was written by {saved} ranks, resumed on {world_size}: {batch}"
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -193,11 +250,15 @@ def verify(point: ResumePoint, part: tuple[int, int] = (0, 1)) -> list[str]:
     """
     if point.files is None:
         return []
+    return _verify_files(point.path, point.files, part)
+
+
+def _verify_files(directory: Path, files: dict, part: tuple[int, int]) -> list[str]:
     i, n = part
     problems = []
-    for name in sorted(point.files)[i::n]:
-        want = point.files[name]
-        f = point.path / name
+    for name in sorted(files)[i::n]:
+        want = files[name]
+        f = directory / name
         if not f.is_file():
             problems.append(f"checkpoint file {f} is missing")
             continue
@@ -359,6 +420,135 @@ def _set_aside(path: Path) -> None:
         n += 1
         target = path.with_name(f"{path.name}{DAMAGED}{n}")
     os.replace(path, target)
+    copy = path.with_name(path.name + UNIVERSAL)
+    if copy.exists():
+        os.replace(copy, target.with_name(target.name + UNIVERSAL))
+
+
+def universal_copy(point: ResumePoint, rank: int = 0, world_size: int = 1) -> str:
+    """Collective: make or reuse ``point``'s universal copy and set ``point.universal``.
+
+    Rank 0 converts the checkpoint with DeepSpeed's ``ds_to_universal`` into
+    ``TAG.universal.saving`` while the other ranks wait, seals it with its
+    own sidecar (size and CRC-32 of every file, and the CRC-32 of the
+    checkpoint's sidecar it came from) and renames it ``TAG.universal``. A
+    copy left by an earlier resume is verified, split over the ranks, and
+    reused when it is whole and belongs to this checkpoint; otherwise it is
+    made again. Returns one line saying which; raises CheckpointError on
+    every rank when the conversion fails (nothing is loaded then).
+    """
+    target = point.path.with_name(point.tag + UNIVERSAL)
+    source = file_digest(point.path / SIDECAR)["crc32"]
+    collective = world_size > 1
+    found = [_read_universal_sidecar(target, source) if rank == 0 else None]
+    if collective:
+        tdist.broadcast_object_list(found, src=0)
+    files, why_not = found[0]
+    if files is not None:
+        problems = _verify_files(target, files, (rank, world_size))
+        if collective:
+            gathered = [None] * world_size
+            tdist.all_gather_object(gathered, problems)
+            problems = [p for ps in gathered for p in ps]
+        if not problems:
+            point.universal = target
+            return f"resuming through {target}, the universal copy an earlier resume made"
+        why_not = f"{problems[0]}; made again"
+    outcome = [_convert_to_universal(point, target, source) if rank == 0 else None]
+    if collective:
+        # The other ranks wait here, within run.collective_timeout_s.
+        tdist.broadcast_object_list(outcome, src=0)
+    error, seconds = outcome[0]
+    if error is not None:
+        raise CheckpointError(error)
+    point.universal = target
+    made = f"converted {point.path} to DeepSpeed's universal format in {target} ({seconds:.1f} s)"
+    return made + (f" ({why_not})" if why_not else "")
+
+
+def _read_universal_sidecar(target: Path, source_crc: str) -> tuple[Optional[dict], Optional[str]]:
+    """(files of a reusable copy, None) or (None, why it is not reusable or None when absent)."""
+    side = target / SIDECAR
+    if not target.exists():
+        return None, None
+    try:
+        meta = json.loads(side.read_text())
+        files, made_from = meta["files"], meta["source_sidecar_crc32"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"the universal copy {target} is unreadable ({type(e).__name__}); made again"
+    if made_from != source_crc:
+        return None, f"the universal copy {target} belongs to an earlier checkpoint; made again"
+    return files, None
+
+
+def _convert_to_universal(point: ResumePoint, target: Path, source_crc: str
+                          ) -> tuple[Optional[str], float]:
+    """Rank 0: convert and seal; returns (error line or None, seconds taken)."""
+    import deepspeed
+    from deepspeed.checkpoint import ds_to_universal
+
+    staging = target.with_name(target.name + SAVING)
+    t0 = time.perf_counter()
+    try:
+        for stale in (staging, target):
+            if stale.exists():
+                shutil.rmtree(stale)
+        # One process, no pool: forked workers of a process that already ran
+        # OpenMP (training, or torch itself) can hang.
+        args = argparse.Namespace(input_folder=str(point.path), output_folder=str(staging),
+                                  num_extract_workers=1, num_merge_workers=1,
+                                  keep_temp_folder=False, strict=True,
+                                  # Engines that never set universal_checkpoint_info
+                                  # (no tensor or pipeline parallelism) need this.
+                                  inject_missing_state=True)
+        chatter = io.StringIO()
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            ds_to_universal.main(args)
+        # It also writes a `latest_universal` beside its output; the tag is
+        # always passed explicitly here.
+        (staging.parent / "latest_universal").unlink(missing_ok=True)
+        files = {str(f.relative_to(staging)): file_digest(f, fsync=True)
+                 for f in sorted(staging.rglob("*")) if f.is_file()}
+        meta = {"source": point.tag, "source_world_size": point.world_size,
+                "source_sidecar_crc32": source_crc, "deepspeed": deepspeed.__version__,
+                "checksum": "crc32", "files": files}
+        _atomic_write(staging / SIDECAR, json.dumps(meta, indent=1))
+        os.replace(staging, target)
+        _fsync_dir(target.parent)
+    except Exception as e:  # noqa: BLE001 - the waiting ranks must hear of any failure
+        shutil.rmtree(staging, ignore_errors=True)
+        if _is_write_failure(e):
+            reason = _describe_write_failure(e, staging, 0, 1)
+        else:
+            lines = str(e).strip().splitlines()
+            reason = (f"DeepSpeed's ds_to_universal failed: {type(e).__name__}"
+                      + (f": {lines[0]}" if lines else ""))
+        return (f"checkpoint {point.path} could not be converted to DeepSpeed's universal "
+                f"format for another world size: {reason}; nothing was loaded"), 0.0
+    return None, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _loading_universal(engine):
+    """The engine's universal loader, for this load only.
+
+    DeepSpeed reads ``checkpoint.load_universal`` from its config when a
+    load starts, never while the engine is built (DeepSpeed 0.17.6 and
+    0.19.8), so the engine of the stage loads the universal copy unchanged.
+    """
+    from deepspeed.utils import logger
+
+    config = engine._config
+    before, level = config.load_universal_checkpoint, logger.level
+    config.load_universal_checkpoint = True
+    # Its loader warns on every rank that no model-parallel unit was given,
+    # which is the case of every run here.
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        config.load_universal_checkpoint = before
+        logger.setLevel(level)
 
 
 def rng_state() -> dict:
@@ -518,6 +708,8 @@ def _seal(root: Path, staging: Path, tag: str, meta: dict) -> None:
         # Saving a step that is already on disk (a resume at the very end).
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
+        # Its universal copy was made from the files being replaced.
+        shutil.rmtree(root / (tag + UNIVERSAL), ignore_errors=True)
     os.replace(staging, final)
     _fsync_dir(root)
     try:
@@ -532,12 +724,29 @@ def _seal(root: Path, staging: Path, tag: str, meta: dict) -> None:
 
 def load(engine, point: ResumePoint, rank: int) -> dict:
     """Collective: load DeepSpeed's state and this rank's RNG; returns the
-    trainer's client state."""
-    path, client = engine.load_checkpoint(str(point.load_dir), tag=point.tag,
-                                          load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    trainer's client state.
+
+    With a universal copy (``point.universal``) the weights come from the
+    checkpoint's model-states file, which ZeRO 1/2 write whole: DeepSpeed's
+    universal loader restores only the parameters its optimizer trains,
+    never frozen ones (stage 3's base weights). The optimizer state, fp32
+    masters and step counts then come from the universal copy.
+    """
+    if point.universal is None:
+        path, client = engine.load_checkpoint(str(point.load_dir), tag=point.tag,
+                                              load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+    else:
+        saved = torch.load(point.path / MODEL_STATES, map_location="cpu", weights_only=False)
+        engine.module.load_state_dict(saved["module"], strict=True)
+        del saved
+        with _loading_universal(engine):
+            path, client = engine.load_checkpoint(str(point.universal.parent),
+                                                  tag=point.universal.name,
+                                                  load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
     if path is None:
-        raise FileNotFoundError(f"DeepSpeed found no checkpoint at {point.path}")
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint at {point.universal or point.path}")
     rng = point.path / f"rng_rank{rank:05d}.pt"
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=False))
@@ -584,3 +793,7 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
     for p in periodic[:-keep_last]:
         if p.name != keep:
             shutil.rmtree(p, ignore_errors=True)
+    # Universal copies go with their checkpoint.
+    for copy in root.glob("*" + UNIVERSAL):
+        if not copy.with_name(copy.name[:-len(UNIVERSAL)]).exists():
+            shutil.rmtree(copy, ignore_errors=True)

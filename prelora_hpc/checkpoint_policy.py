@@ -53,15 +53,23 @@ class CheckpointManager:
         """Collective: the verified checkpoint to resume from (``explicit``, or
         the run directory's latest as ``checkpoint.resume`` says), the same on
         every rank; None starts the run afresh. Checkpoints set aside as
-        damaged, and a world-size change, are said through ``warn``."""
+        damaged, and a world-size change, are said through ``warn``.
+
+        ZeRO 1/2 partitions written by another number of ranks are converted
+        once to DeepSpeed's universal format, beside the checkpoint, which
+        ``restore`` then loads (a line through ``say`` tells which copy).
+        """
         point = ckpt.find_resume(self.cfg, explicit, rank=self.rank, world_size=world_size)
         if point is None:
             return None
         for note in point.notes if self.rank == 0 else []:
             warn(note)
-        note = ckpt.check_world_size(point, self.cfg.deepspeed.zero_stage, world_size)
-        if note:
+        zero = self.cfg.deepspeed.zero_stage
+        note = ckpt.check_world_size(point, zero, world_size)
+        if note and self.rank == 0:
             warn(note)
+        if ckpt.needs_universal(point, zero, world_size):
+            self.say(ckpt.universal_copy(point, self.rank, world_size))
         return point
 
     def restore(self, engine, owner: Checkpointable, point: ckpt.ResumePoint) -> None:
