@@ -1,9 +1,12 @@
 """Resuming on another number of ranks: ZeRO 0 loads (and says the batch
-changed); ZeRO 1 partitions are refused with one line, never a traceback."""
+changed); ZeRO 1/2 partitions resume through DeepSpeed's universal
+checkpoint (tests/integration/test_universal_checkpoint.py checks what is
+loaded); ZeRO 3 partitions are refused with one line, never a traceback."""
 
 import pytest
 
 from mpi_util import run_mpi, train_cmd
+from prelora_hpc import checkpoint as ckpt
 from prelora_hpc.metrics import read_metrics
 
 pytestmark = pytest.mark.mpi
@@ -11,7 +14,7 @@ pytestmark = pytest.mark.mpi
 SHORT = ["run.epochs=1", "run.max_steps=4", "checkpoint.every_steps=2"]
 
 
-@pytest.mark.parametrize("zero", [0, 1])
+@pytest.mark.parametrize("zero", [0, 1, 3])
 def test_resume_on_fewer_ranks(tmp_path, zero):
     run_mpi(train_cmd(tmp_path, *SHORT, f"deepspeed.zero_stage={zero}"), np=2)
     latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
@@ -19,14 +22,19 @@ def test_resume_on_fewer_ranks(tmp_path, zero):
                           f"deepspeed.zero_stage={zero}"), np=1, check=False)
     out = p.stdout + p.stderr
     assert "Traceback" not in out, out[-3000:]
-    if zero == 0:
+    copy = tmp_path / "checkpoints" / (latest + ckpt.UNIVERSAL)
+    if zero < 3:
         assert p.returncode == 0, out[-3000:]
-        assert "written by 2 ranks, resumed on 1" in out
+        assert "written by 2 ranks" in out and "resumed on 1" in out
         assert read_metrics(tmp_path, "start")[-1]["resumed_step"] == 4
+        assert read_metrics(tmp_path, "end")[-1]["step"] == 6
+        # ZeRO 0 holds whole optimizer state on every rank: no conversion.
+        assert copy.is_dir() == (zero == 1)
     else:
         assert p.returncode == 1, out[-3000:]
         errors = [l for l in out.splitlines() if "error" in l.lower()]
-        assert any("written by 2 ranks under ZeRO 1" in l and "cannot be resumed on 1 ranks" in l
+        assert any("written by 2 ranks under ZeRO 3" in l and "cannot be resumed on 1 ranks" in l
                    for l in errors), out[-3000:]
         # Nothing was loaded, nothing was written: the checkpoint stays latest.
         assert (tmp_path / "checkpoints" / "latest").read_text().strip() == latest
+        assert not copy.exists()
