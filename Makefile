@@ -30,8 +30,8 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 VENV_COMPAT ?= .venv-ds0176
 DEEPSPEED_COMPAT ?= 0.17.6
 COMPAT_SITE = $(abspath $(VENV_COMPAT))/site
-COMPAT_TESTS ?= tests/integration/test_adapter_state.py tests/integration/test_train_mpi.py tests/integration/test_checkpoint_mpi.py
-COMPAT_SELECT ?= (first_update or (zero_stages and (2-true or 3-false)) or rebuilds or resume or (skips_the_whole and 2-2)) and not compiled
+COMPAT_TESTS ?= tests/integration/test_adapter_state.py tests/integration/test_train_mpi.py tests/integration/test_checkpoint_mpi.py tests/integration/test_universal_checkpoint.py
+COMPAT_SELECT ?= (first_update or (zero_stages and (2-true or 3-false)) or rebuilds or resume or universal or (skips_the_whole and 2-2)) and not compiled
 
 .PHONY: venv quickstart test clean venv-compat test-compat clean-compat
 
