@@ -87,8 +87,8 @@ def resumed(written, tmp_path_factory):
 
 @pytest.mark.mpi
 @pytest.mark.slow
-@pytest.mark.parametrize("src,dst", DIRECTIONS, ids=lambda n: str(n))
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("src,dst", DIRECTIONS, ids=[f"{s}to{d}" for s, d in DIRECTIONS])
+@pytest.mark.parametrize("stage", [1, 2, 3], ids=lambda s: f"stage{s}")
 def test_resume_on_another_world_size_loads_the_saved_optimizer_state(
         written, resumed, stage, src, dst):
     saved = saved_state(written[src] / "checkpoints" / TAGS[stage])
