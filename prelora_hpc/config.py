@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -413,6 +414,23 @@ SECTIONS = [f.name for f in dataclasses.fields(Config)]
 # Conversion of raw YAML values into the declared field types.
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: PyYAML follows YAML 1.1,
+    which reads ``3e-4`` and ``1E-3`` (no dot) as strings, and that is how
+    most people write a learning rate."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML text as config files and overrides are parsed."""
+    return yaml.load(text, Loader=YamlLoader)
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -517,7 +535,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override {text!r} on the command line: key must be section.key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r} on the command line: {e}") from None
     return parts[0], parts[1], value
@@ -571,7 +589,7 @@ def load_config(path: Optional[Union[str, Path]], overrides: Optional[list[str]]
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = read_yaml(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     return config_from_dict(raw, str(p), overrides)

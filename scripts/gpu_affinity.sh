@@ -6,8 +6,8 @@
 #
 # Rank with local rank L on a node with N GPUs gets
 #   CUDA_VISIBLE_DEVICES = N-1 - L % N
-# On Polaris the reverse order follows the CPU-GPU topology: with
-# --cpu-bind depth the first ranks sit on the cores nearest the last GPUs.
+# On Polaris the reverse order follows the CPU-GPU topology: prelora-launch
+# binds local rank r to NUMA domain r, whose cores are next to GPU 3-r.
 # It has to happen here, before the process starts: CUDA and MPI read the
 # variable when they initialize, too early for Python to change it.
 #

@@ -21,7 +21,7 @@ from typing import Union
 
 import yaml
 
-from ..config import ConfigError
+from ..config import ConfigError, read_yaml
 
 #: Where the shipped presets live (package data, see setup.cfg).
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -77,7 +77,7 @@ def load_preset(name_or_path: Union[str, Path]) -> Preset:
         raise ConfigError(f"--preset {text}: no such preset (shipped: "
                           f"{', '.join(preset_names())}) and no such YAML file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"preset {path}: cannot read it as YAML: {e}") from None
     if not isinstance(raw, dict):

@@ -85,8 +85,9 @@ def _start(run_dir, *overrides):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigterm_checkpoints_and_exits_for_resubmission(tmp_path):
-    proc = _start(tmp_path)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_checkpoints_and_exits_for_resubmission(tmp_path, workers):
+    proc = _start(tmp_path, f"data.num_workers={workers}")
     _wait_for(lambda: _steps_done(tmp_path) >= 3, 180, "three training steps")
     proc.send_signal(signal.SIGTERM)  # what PBS sends at the end of walltime
     out, _ = proc.communicate(timeout=120)

@@ -208,8 +208,9 @@ def test_second_run_on_a_directory_in_use_is_refused(tmp_path):
     assert not (tmp_path / LOCK_NAME).exists()
 
 
-def test_ctrl_c_checkpoints_exits_130_and_the_same_command_resumes(tmp_path):
-    proc = _start(tmp_path)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ctrl_c_checkpoints_exits_130_and_the_same_command_resumes(tmp_path, workers):
+    proc = _start(tmp_path, f"data.num_workers={workers}")
     try:
         _wait_for_steps(tmp_path, 3, proc)
         proc.send_signal(signal.SIGINT)     # mpiexec forwards it to every rank
@@ -235,9 +236,11 @@ def test_ctrl_c_checkpoints_exits_130_and_the_same_command_resumes(tmp_path):
     assert point_of(tmp_path).global_step == stop["step"] + 1
 
 
-def test_second_ctrl_c_ends_at_once(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_second_ctrl_c_ends_at_once(tmp_path, workers):
     cmd = [mpiexec(), "-n", "2", *script_cmd("slow_stop_checkpoint.py", 60, "--config", CONFIG,
-                                             "--output-dir", tmp_path, *BASE, "run.epochs=200")]
+                                             "--output-dir", tmp_path, *BASE, "run.epochs=200",
+                                             f"data.num_workers={workers}")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -240,17 +240,19 @@ def test_quickstart_completes_as_one_two_rank_world(slurm, tmp_path):
     assert "training finished (exit 0): no resubmission" in out
 
 
-def test_walltime_signal_checkpoints_and_resubmits(slurm, tmp_path):
+@pytest.mark.parametrize("workers, target", [(1, "--batch"), (4, "--batch"), (4, "--full")])
+def test_walltime_signal_checkpoints_and_resubmits(slurm, tmp_path, workers, target):
     """USR1 to the batch shell, as --signal=B:USR1@300 sends it before the
-    time limit: the run checkpoints, the job resubmits itself, the follow-up
-    resumes where the run stopped."""
-    sub = Submission(slurm, tmp_path, "walltime signal")
-    job = sub.submit(train_args="run.epochs=3", max_resubmits=1)
+    time limit, or to every process of the job (``--full``: the batch shell,
+    the ranks and their DataLoader workers): the run checkpoints, the job
+    resubmits itself, the follow-up resumes where the run stopped."""
+    sub = Submission(slurm, tmp_path, f"walltime signal, {workers} workers, {target}")
+    job = sub.submit(train_args=f"run.epochs=3 data.num_workers={workers}", max_resubmits=1)
     sub.wait_for_step(job, 5, START_S)
-    r = subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env(),
+    r = subprocess.run(["scancel", "--signal=USR1", target, job], env=slurm.env(),
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
-    info = sub.wait(job, 180, note="scancel --signal=USR1 --batch")
+    info = sub.wait(job, 180, note=f"scancel --signal=USR1 {target}")
     # 85: stopped after a checkpoint (Slurm calls any non-zero exit FAILED).
     assert info["ExitCode"] == "85:0", sub.explain(job)
     assert "walltime warning" in sub.output(job), sub.explain(job)

@@ -21,7 +21,8 @@ CONFIG = "configs/vit_tiny_cpu.yaml"
 # learning rate must continue exactly across every resume.
 EPOCHS = 6 if LONG else 2
 TOTAL = 8 * EPOCHS
-BASE = ["logging.interval_steps=1", "checkpoint.every_steps=3", f"run.epochs={EPOCHS}"]
+BASE = ["logging.interval_steps=1", "checkpoint.every_steps=3", f"run.epochs={EPOCHS}",
+        "data.num_workers=2"]
 #: Fields that measure time or memory, not the training.
 UNSTABLE = {"time", "images_per_s", "wall_s", "peak_memory_bytes"}
 KINDS = ("step", "window", "switch", "epoch", "end")

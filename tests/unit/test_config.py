@@ -93,3 +93,30 @@ def test_switch_and_adapter_defaults():
     cfg = load_config(None)
     assert (cfg.prelora.criterion, cfg.prelora.rank_rule) == ("norm", "norm")
     assert (cfg.lora.lr_scale, cfg.lora.lr_ratio_b) == (1.0, 16.0)
+
+
+@pytest.mark.parametrize("text, value", [("3e-4", 3e-4), ("1E-3", 1e-3), ("5e+2", 500.0),
+                                         ("2.5E-1", 0.25)])
+def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path, text, value):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"optim:\n  lr: {text}\n")
+    assert load_config(p).optim.lr == value
+    assert load_config(None, [f"optim.lr={text}"]).optim.lr == value
+    # A number in an integer field is still refused, naming the key.
+    with pytest.raises(ConfigError, match="run.epochs"):
+        load_config(None, [f"run.epochs={text}"])
+
+
+def test_accumulation_auto_keeps_the_global_batch_or_says_why():
+    from prelora_hpc.engine import BatchSizeError, accumulation_steps, global_batch
+    cfg = load_config("configs/vit_large_imagenet1k.yaml")
+    assert cfg.deepspeed.grad_accum_steps == "auto"
+    assert [accumulation_steps(cfg, w) for w in (8, 128, 256)] == [32, 2, 1]
+    assert global_batch(cfg, 8) == 4096
+    with pytest.raises(BatchSizeError, match="train_batch_size=4096 is not a multiple of "
+                                             r"micro_batch_size 16 x world size 24"):
+        accumulation_steps(cfg, 24)
+    fixed = load_config("configs/vit_large_imagenet1k.yaml", ["deepspeed.grad_accum_steps=1"])
+    with pytest.raises(BatchSizeError, match="grad_accum_steps: auto"):
+        global_batch(fixed, 8)
+    assert accumulation_steps(load_config(None), 3) == 1   # no global batch: no accumulation
