@@ -264,11 +264,15 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def _per_worker(supply: list[dict]) -> float:
+def _per_worker(supply: list[dict], key: str = "per_worker") -> float:
     # One worker's rate is the honest per-worker figure: with more workers
     # than free cores the per-worker rate falls.
-    one = [s["per_worker"] for s in supply if s["workers"] == 1]
-    return one[0] if one else supply[0]["per_worker"]
+    one = [s[key] for s in supply if s["workers"] == 1]
+    return one[0] if one else supply[0][key]
+
+
+def _workers_needed(demand: float, per_worker: float) -> Optional[int]:
+    return math.ceil(demand / per_worker) if per_worker > 0 else None
 
 
 def run(args: argparse.Namespace, path: Path) -> dict:
@@ -329,7 +333,9 @@ def run(args: argparse.Namespace, path: Path) -> dict:
         "loader": supply,
         "train_step": {"model": None if device is None else args.model,
                        "device": "given" if device is None else device.type, "images_per_s": demand},
-        "workers_needed": math.ceil(demand / per_worker) if per_worker > 0 else None,
+        "workers_needed": _workers_needed(demand, per_worker),
+        # As many, each on a core of its own (the figure for a shared machine).
+        "workers_needed_cpu": _workers_needed(demand, _per_worker(supply, "per_cpu_second")),
     }
     if args.compare_draft:
         drafted = supply_of(True)
@@ -339,7 +345,8 @@ def run(args: argparse.Namespace, path: Path) -> dict:
             "ratio": [{"workers": w, "ratios": [b / a for a, b in zip(rates[False, w], rates[True, w])],
                        "cpu_ratios": [b / a for a, b in zip(cpu_rates[False, w], cpu_rates[True, w])]}
                       for w in workers],
-            "workers_needed": math.ceil(demand / per_worker_draft) if per_worker_draft > 0 else None,
+            "workers_needed": _workers_needed(demand, per_worker_draft),
+            "workers_needed_cpu": _workers_needed(demand, _per_worker(drafted, "per_cpu_second")),
         }
         for entry in result["draft"]["ratio"]:
             entry["median"] = statistics.median(entry["ratios"])
@@ -379,9 +386,11 @@ def format_table(r: dict) -> str:
     else:
         lines.append(f"training step ({t['model']}, the trainer's step on {r['machine']['device']}): "
                      f"{t['images_per_s']:.1f} img/s")
-    needed = f"workers needed per rank to keep up: {r['workers_needed']}"
+    needed = (f"workers needed per rank to keep up: {r['workers_needed']} at the wall-clock rate, "
+              f"{r['workers_needed_cpu']} with a core each")
     if "draft" in r:
-        needed += f" ({r['draft']['workers_needed']} with jpeg_draft)"
+        needed += (f"; with jpeg_draft {r['draft']['workers_needed']} and "
+                   f"{r['draft']['workers_needed_cpu']}")
     lines.append(needed)
     return "\n".join(lines)
 

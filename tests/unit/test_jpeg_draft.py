@@ -234,6 +234,7 @@ def test_loader_bench_compares_draft_against_full_decode(tmp_path):
     assert r["train_step"] == {"model": None, "device": "given", "images_per_s": 855.0}
     assert r["workers_needed"] == math.ceil(855.0 / plain[0]["per_worker"])
     assert r["draft"]["workers_needed"] == math.ceil(855.0 / drafted[0]["per_worker"])
+    assert r["workers_needed_cpu"] == math.ceil(855.0 / plain[0]["per_cpu_second"])
     assert r["stages_ms"]["jpeg_draft"]["crop"] == 0.0  # folded into the decode
     assert all(v > 0 for v in r["stages_ms"]["full_decode"].values())
 
