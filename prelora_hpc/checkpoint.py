@@ -438,7 +438,7 @@ def universal_copy(point: ResumePoint, rank: int = 0, world_size: int = 1) -> st
     every rank when the conversion fails (nothing is loaded then).
     """
     target = point.path.with_name(point.tag + UNIVERSAL)
-    source = file_digest(point.path / SIDECAR)["crc32"]
+    source = file_digest(point.path / SIDECAR)["crc32"] if rank == 0 else None
     collective = world_size > 1
     found = [_read_universal_sidecar(target, source) if rank == 0 else None]
     if collective:
