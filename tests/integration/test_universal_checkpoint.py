@@ -162,3 +162,25 @@ def test_a_deepspeed_without_universal_checkpoints_refuses_in_one_line(tmp_path,
     assert "DeepSpeed 0.16.9 is installed" in msg and "run on 2 ranks" in msg
     # ZeRO 0 needs no conversion, whatever DeepSpeed is installed.
     assert "resumed on 1" in ckpt.check_world_size(point, 0, 1)
+
+
+def test_a_failed_conversion_stops_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    from deepspeed.checkpoint import ds_to_universal
+
+    def fails_half_way(args):
+        (Path(args.output_folder) / "zero").mkdir(parents=True)
+        raise AssertionError("Required universal_checkpoint_info state is missing\nmore detail")
+
+    monkeypatch.setattr(ds_to_universal, "main", fails_half_way)
+    tag = tmp_path / "checkpoints" / "step00000004"
+    tag.mkdir(parents=True)
+    (tag / ckpt.SIDECAR).write_text("{}")
+    files = {f"rng_rank{r:05d}.pt": {"size": 0, "crc32": "0"} for r in range(2)}
+    point = ckpt.ResumePoint(tag, tag.name, 1, 4, {}, {}, files)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.universal_copy(point)
+    msg = str(e.value)
+    assert "\n" not in msg and str(tag) in msg and "nothing was loaded" in msg
+    assert "AssertionError: Required universal_checkpoint_info state is missing" in msg
+    assert point.universal is None
+    assert [p.name for p in tag.parent.iterdir()] == [tag.name]
