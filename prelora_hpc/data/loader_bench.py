@@ -80,7 +80,8 @@ def write_fake_jpegs(root: Path, count: int, seed: int = 0,
 
 
 def sample_keys(n: int, count: int, seed: int = 0) -> list[tuple[int, int]]:
-    """``count`` random ``(index, augmentation seed)`` keys of a set of ``n``, as the trainer's sampler gives them."""
+    """``count`` random ``(index, augmentation seed)`` keys of a set of ``n``,
+    as the trainer's sampler gives them."""
     if count == 0:
         return []
     indices = torch.utils.data.RandomSampler(range(n), replacement=True, num_samples=count,
@@ -376,7 +377,8 @@ def format_table(r: dict) -> str:
         lines.append("workers   img/s   img/s per worker   img per CPU-s")
         for s in r["loader"]:
             per = "(main process)" if s["workers"] == 0 else f"{s['per_worker']:.1f}"
-            lines.append(f"{s['workers']:>7} {s['images_per_s']:>7.1f}   {per:>16}   {s['per_cpu_second']:>13.1f}")
+            lines.append(f"{s['workers']:>7} {s['images_per_s']:>7.1f}   {per:>16}   "
+                         f"{s['per_cpu_second']:>13.1f}")
     for variant, ms in r.get("stages_ms", {}).items():
         lines.append(f"CPU ms per image, {variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
                      + f" (total {sum(ms.values()):.2f})")

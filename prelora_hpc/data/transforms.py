@@ -159,8 +159,9 @@ def build_transform(data_cfg: DataConfig, img_size: int, is_training: bool) -> C
 
     Takes a PIL image, gives a float32 tensor [3, img_size, img_size].
     RandAugment's posterize at 0 bits gives a black image on any Pillow
-    (``posterize_keeping_none``). With ``data_cfg.jpeg_draft`` it is a ``DecodingTransform`` whose ``decode``
-    drafts JPEGs (see ``DraftRandomResizedCrop``, ``DraftShortSide``).
+    (``posterize_keeping_none``). With ``data_cfg.jpeg_draft`` it is a
+    ``DecodingTransform`` whose ``decode`` drafts JPEGs (see
+    ``DraftRandomResizedCrop``, ``DraftShortSide``).
     """
     t = create_transform(
         input_size=(3, img_size, img_size),
