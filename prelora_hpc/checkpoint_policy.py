@@ -74,8 +74,15 @@ class CheckpointManager:
 
     def restore(self, engine, owner: Checkpointable, point: ckpt.ResumePoint) -> None:
         """Collective: load ``point`` into ``engine`` (weights, optimizer) and
-        ``owner`` (its progress, and this rank's own state)."""
-        owner.load_state_dict(ckpt.load(engine, point, self.rank))
+        ``owner`` (its progress, and this rank's own state).
+
+        The state ``owner`` loads also holds ``saved_world_size``, the number
+        of ranks that wrote it (None in a checkpoint without a file list), for
+        progress counted per rank, such as a rank's share of an epoch.
+        """
+        state = ckpt.load(engine, point, self.rank)
+        state["saved_world_size"] = point.world_size
+        owner.load_state_dict(state)
         owner.load_rank_state_dict(ckpt.load_rank_state(point, self.rank))
 
     def save(self, engine, owner: Checkpointable, stage: int, step: int,
