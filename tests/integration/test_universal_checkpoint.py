@@ -30,8 +30,8 @@ def saved_state(tag_dir: Path) -> dict:
     """What DeepSpeed wrote into a ZeRO 1/2 checkpoint, whole again: each
     trainable parameter's exp_avg, exp_avg_sq and step, put together from
     every rank's optimizer partition by the fragment addresses DeepSpeed
-    recorded; the weights and the trainer's client state from the
-    model-states file."""
+    recorded; the weights and the trainer's progress from the model-states
+    file."""
     model = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
                        weights_only=False)
     files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
@@ -53,8 +53,7 @@ def saved_state(tag_dir: Path) -> dict:
                 entry[key] = torch.cat(pieces).view(shape)
             optimizer[name] = entry
     return {"world_size": len(files), "optimizer": optimizer, "module": model["module"],
-            "stage": model["progress"]["stage"], "global_step": model["progress"]["global_step"],
-            "rank_map": model["rank_map"]}
+            "progress": model["progress"]}
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +90,17 @@ def resumed(written, tmp_path_factory):
 @pytest.mark.parametrize("stage", [1, 2, 3], ids=lambda s: f"stage{s}")
 def test_resume_on_another_world_size_loads_the_saved_optimizer_state(
         written, resumed, stage, src, dst):
-    saved = saved_state(written[src] / "checkpoints" / TAGS[stage])
-    assert saved["world_size"] == src and saved["stage"] == stage
+    tag_dir = written[src] / "checkpoints" / TAGS[stage]
+    saved = saved_state(tag_dir)
+    sidecar = json.loads((tag_dir / ckpt.SIDECAR).read_text())
+    assert saved["world_size"] == src and sidecar["stage"] == stage
     results, _ = resumed[(src, dst)]
     got = results[stage - 1]
     assert got["world_size"] == dst
-    # The trainer's progress and the rank map are carried.
-    assert (got["stage"], got["global_step"]) == (stage, saved["global_step"])
-    assert got["rank_map"] == saved["rank_map"]
+    # The trainer's progress, stage and rank map are carried.
+    assert got["progress"] == {k: saved["progress"][k] for k in got["progress"]}
+    assert got["progress"]["global_step"] == sidecar["global_step"]
+    assert got["stage"] == stage and got["rank_map"] == sidecar["rank_map"]
     if stage > 1:
         assert got["rank_map"] and got["rank_map"] == json.loads(
             (written[src] / "rank_map.json").read_text())

@@ -4,7 +4,7 @@ Usage: mpiexec -n N python resume_state.py OUT_DIR CHECKPOINT [CHECKPOINT ...] [
 Each checkpoint (a tag directory; one may repeat) is resumed by a fresh
 Trainer of configs/vit_tiny_cpu.yaml on N ranks, as prelora-train does, and
 nothing is trained. Rank 0 writes OUT_DIR/resumed.pt: one entry per
-checkpoint, in order, with the trainer's stage, step and rank map, every
+checkpoint, in order, with the trainer's stage, progress and rank map, every
 model parameter, and the full AdamW exp_avg, exp_avg_sq and step count of
 every trainable parameter as the engine holds them.
 """
@@ -36,8 +36,11 @@ def loaded_state(t: Trainer) -> dict:
             moments[name] = {k: safe_get_full_optimizer_state(p, k).detach().clone()
                              for k in ("exp_avg", "exp_avg_sq")}
             moments[name]["step"] = group_step[id(p)]
-    return {"stage": t.p.stage, "global_step": t.p.global_step, "rank_map": dict(t.rank_map),
-            "world_size": t.dist.world_size,
+    # The stage machine's stage (Trainer.stage), or the progress's in a
+    # trainer that keeps it there.
+    stage = int(t.stage) if hasattr(t, "stage") else t.p.stage
+    return {"stage": stage, "rank_map": dict(t.rank_map), "world_size": t.dist.world_size,
+            "progress": {k: getattr(t.p, k) for k in ("global_step", "epoch", "windows_done")},
             "params": {n: p.detach().clone() for n, p in t.model.named_parameters()},
             "optimizer": moments}
 
