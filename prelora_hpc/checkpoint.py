@@ -468,16 +468,22 @@ def universal_copy(point: ResumePoint, rank: int = 0, world_size: int = 1) -> st
 
 def _read_universal_sidecar(target: Path, source_crc: str) -> tuple[Optional[dict], Optional[str]]:
     """(files of a reusable copy, None) or (None, why it is not reusable or None when absent)."""
+    import deepspeed
+
     side = target / SIDECAR
     if not target.exists():
         return None, None
     try:
         meta = json.loads(side.read_text())
-        files, made_from = meta["files"], meta["source_sidecar_crc32"]
+        files, made_from, made_by = meta["files"], meta["source_sidecar_crc32"], meta["deepspeed"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return None, f"the universal copy {target} is unreadable ({type(e).__name__}); made again"
     if made_from != source_crc:
         return None, f"the universal copy {target} belongs to an earlier checkpoint; made again"
+    if made_by != deepspeed.__version__:
+        # The layout is DeepSpeed's own; its loader is only known to read its converter's.
+        return None, (f"the universal copy {target} was made by DeepSpeed {made_by}, "
+                      f"{deepspeed.__version__} is installed; made again")
     return files, None
 
 
