@@ -166,6 +166,15 @@ def test_a_deepspeed_without_universal_checkpoints_refuses_in_one_line(tmp_path,
     assert "resumed on 1" in ckpt.check_world_size(point, 0, 1)
 
 
+def fake_checkpoint(tmp_path) -> ckpt.ResumePoint:
+    """A sealed tag directory of 2 ranks with nothing in it DeepSpeed could read."""
+    tag = tmp_path / "checkpoints" / "step00000004"
+    tag.mkdir(parents=True)
+    (tag / ckpt.SIDECAR).write_text("{}")
+    files = {f"rng_rank{r:05d}.pt": {"size": 0, "crc32": "0"} for r in range(2)}
+    return ckpt.ResumePoint(tag, tag.name, 1, 4, {}, {}, files)
+
+
 def test_a_failed_conversion_stops_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     from deepspeed.checkpoint import ds_to_universal
 
@@ -174,15 +183,30 @@ def test_a_failed_conversion_stops_in_one_line_and_leaves_nothing(tmp_path, monk
         raise AssertionError("Required universal_checkpoint_info state is missing\nmore detail")
 
     monkeypatch.setattr(ds_to_universal, "main", fails_half_way)
-    tag = tmp_path / "checkpoints" / "step00000004"
-    tag.mkdir(parents=True)
-    (tag / ckpt.SIDECAR).write_text("{}")
-    files = {f"rng_rank{r:05d}.pt": {"size": 0, "crc32": "0"} for r in range(2)}
-    point = ckpt.ResumePoint(tag, tag.name, 1, 4, {}, {}, files)
+    point = fake_checkpoint(tmp_path)
     with pytest.raises(ckpt.CheckpointError) as e:
         ckpt.universal_copy(point)
     msg = str(e.value)
-    assert "\n" not in msg and str(tag) in msg and "nothing was loaded" in msg
+    assert "\n" not in msg and str(point.path) in msg and "nothing was loaded" in msg
     assert "AssertionError: Required universal_checkpoint_info state is missing" in msg
     assert point.universal is None
-    assert [p.name for p in tag.parent.iterdir()] == [tag.name]
+    assert [p.name for p in point.path.parent.iterdir()] == [point.tag]
+
+
+def test_a_copy_made_by_another_deepspeed_is_made_again(tmp_path, monkeypatch):
+    import deepspeed
+    from deepspeed.checkpoint import ds_to_universal
+
+    def converts(args):
+        (Path(args.output_folder) / "zero").mkdir(parents=True)
+        (Path(args.output_folder) / "zero" / "made_by").write_text(deepspeed.__version__)
+
+    monkeypatch.setattr(ds_to_universal, "main", converts)
+    point = fake_checkpoint(tmp_path)
+    monkeypatch.setattr(deepspeed, "__version__", "0.17.6")
+    assert "converted" in ckpt.universal_copy(point)
+    assert "an earlier resume made" in ckpt.universal_copy(point)
+    monkeypatch.setattr(deepspeed, "__version__", "0.19.8")
+    note = ckpt.universal_copy(point)
+    assert "made by DeepSpeed 0.17.6, 0.19.8 is installed; made again" in note, note
+    assert (point.universal / "zero" / "made_by").read_text() == "0.19.8"
