@@ -94,7 +94,9 @@ def _train(argv: Optional[list[str]], stop) -> int:
         return 2
 
     from .checkpoint import CheckpointError, CheckpointWriteError
-    from .launch import EXIT_CHECKPOINT_WRITE, abort, describe_lost_peer, finish, init_distributed
+    from .data.errors import DataError
+    from .launch import (EXIT_CHECKPOINT_WRITE, abort, describe_lost_peer, every_rank_says, finish,
+                         init_distributed)
 
     dist = init_distributed(cfg.run.collective_timeout_s)
     lock, error, code = _lock_run(cfg.run.output_dir, dist)
@@ -122,18 +124,26 @@ def _train(argv: Optional[list[str]], stop) -> int:
         finish()
         return EXIT_CHECKPOINT_WRITE if isinstance(e, CheckpointWriteError) else 1
     except Exception as e:  # noqa: BLE001 - any error must end all ranks
-        # One line saying what and where; MPI_Abort so no peer waits forever
-        # in a collective this rank will never join.
-        # A lost peer is said in one line by abort(); a traceback adds nothing.
-        if not isinstance(e, (ConfigError, ValueError, FileNotFoundError, OSError)) \
-                and describe_lost_peer(str(e)) is None:
+        # Errors raised on purpose (bad config or data) are one line; anything
+        # else is a bug and keeps its traceback. A lost peer is said in one
+        # line by abort(); a traceback adds nothing there.
+        expected = isinstance(e, (ConfigError, DataError))
+        if not expected and describe_lost_peer(str(e)) is None:
             traceback.print_exc()
         if trainer is not None:
             # Its workers ignore SIGTERM: end them before the exit waits on them.
             trainer.loaders.close()
         if lock is not None:
             lock.release()      # MPI_Abort ends this process before `finally`
-        abort(f"{type(e).__name__}: {e}", 1)
+        message = f"{type(e).__name__}: {e}"
+        if expected and every_rank_says(message):
+            if dist.is_main:
+                print(f"prelora-train: error: {message}", file=sys.stderr, flush=True)
+            finish()
+            return 1
+        # One line saying what and where; MPI_Abort so no peer waits forever
+        # in a collective this rank will never join.
+        abort(message, 1)
         return 1
     else:
         trainer.close()

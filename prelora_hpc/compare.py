@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .replay import rank_histogram
+from .stages import rank_histogram
 from .report.read import ReportError, Run, load_run, stage_stats
 
 MODES = ("full", "prelora", "lora")

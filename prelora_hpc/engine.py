@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .config import Config
+from .config import Config, ConfigError
 from .launch import DistInfo
 from .lora import LoRALinear, lora_modules
 
@@ -29,7 +29,7 @@ from .lora import LoRALinear, lora_modules
 _NO_DECAY_NAMES = {"pos_embed", "cls_token", "reg_token", "dist_token"}
 
 
-class BatchSizeError(ValueError):
+class BatchSizeError(ConfigError):
     """The global batch does not equal micro batch x grad accumulation x world."""
 
 
@@ -43,7 +43,7 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     if device.type == "cpu" and p != "fp32":
         # DeepSpeed's CPU accelerator trains in fp32 only; saying so beats a
         # cryptic failure inside the optimizer wrapper.
-        raise ValueError(f"deepspeed.precision={p} needs a GPU; use fp32 or auto on the CPU")
+        raise ConfigError(f"deepspeed.precision={p} needs a GPU; use fp32 or auto on the CPU")
     return p
 
 

@@ -19,10 +19,12 @@ discovery (which would pick the address by itself) never runs.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,6 +32,7 @@ from typing import Optional
 # "GTL library is not linked".
 from mpi4py import MPI  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .launcher import MASTER_ADDR_VAR  # noqa: E402
@@ -163,22 +166,12 @@ def _bind_comm_to_link(master_ip: str, local_size: int, world: int) -> None:
     that routes to rank 0's rendezvous address instead (a value the user
     set wins).
 
-    DeepSpeed's CPU shared-memory all-reduce (the ShareMemComm op) turns
-    itself on when LOCAL_SIZE equals the world size; it then maps every
-    rank's segment in /dev/shm and would wait forever for ranks on other
-    nodes. Across nodes LOCAL_SIZE is therefore this node's rank count, so
-    the op stays off and collectives go through gloo. Read in DeepSpeed
-    0.19.8 (comm/torch.py TorchBackend.__init__ calls
-    shm_comm_op.initialize(world, rank); csrc/cpu/comm/shm_interface.cpp
-    compares LOCAL_SIZE with the world size). Every shm_interface.cpp of
-    DeepSpeed's history we read has that same check; 0.17.6's own copy was
-    not read line by line. With the CUDA accelerator (Polaris) 0.19.8 has no
-    such op to build: ShareMemCommBuilder is among the CPU builders only.
-    Note 0.19.8's inference_all_reduce calls the op whenever it is built,
-    even when it was not initialised: only tensor-parallel inference
-    (module_inject) calls it, never the training engine. On one node
-    LOCAL_SIZE is left as the launcher set it (unset under Hydra: the op
-    stays off, as it always was here).
+    DeepSpeed's CPU shared-memory all-reduce turns itself on when
+    LOCAL_SIZE equals the world size, and would then wait forever for ranks
+    on other nodes; across nodes LOCAL_SIZE is this node's rank count, so it
+    stays off and collectives go through gloo (read in DeepSpeed 0.19.8's
+    comm/torch.py and shm_interface.cpp; the CUDA accelerator has no such
+    op). On one node LOCAL_SIZE is left as the launcher set it.
     """
     if local_size == world:
         return
@@ -380,6 +373,29 @@ def finish() -> None:
         MPI.COMM_WORLD.Barrier()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def every_rank_says(message: str, timeout_s: float = 10.0) -> bool:
+    """Collective with a deadline: True when every rank called it with the
+    same ``message`` within ``timeout_s`` seconds (an error all ranks raise
+    alike, printed once), False when some rank did not come or said
+    something else (it is then that rank's own error, said with its rank).
+
+    Non-blocking, so a rank stuck elsewhere costs the wait, never a hang.
+    """
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() == 1:
+        return True
+    h = int.from_bytes(hashlib.blake2b(message.encode(), digest_size=7).digest(), "big")
+    send = np.array([h, -h], dtype=np.int64)
+    got = np.zeros(2, dtype=np.int64)
+    req = comm.Iallreduce(send, got, op=MPI.MAX)
+    deadline = time.monotonic() + timeout_s
+    while not req.Test():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return int(got[0]) == -int(got[1]) == h
 
 
 def abort(message: str, code: int = 1) -> None:

@@ -11,7 +11,7 @@ import hashlib
 import timm
 import torch.nn as nn
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -21,7 +21,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     ValueError naming the model when timm does not know it.
     """
     if cfg.name not in timm.list_models():
-        raise ValueError(f"model.name: timm has no model {cfg.name!r}")
+        raise ConfigError(f"model.name: timm has no model {cfg.name!r}")
     overrides = {
         k: getattr(cfg, k)
         for k in ("patch_size", "embed_dim", "depth", "num_heads")

@@ -52,6 +52,35 @@ def _restore_floats(v: Any) -> Any:
 
 
 @dataclass(kw_only=True)
+class Decision:
+    """What the switch policy decided at a window end: rank 0's, broadcast
+    to every rank; the trainer acts on it, the replay keeps one per window,
+    and every ``window`` record of ``metrics.jsonl`` carries it."""
+
+    switch: bool = False
+    """Leave stage 1 now, with ``rank_map``."""
+    rank_map: dict[str, int] = field(default_factory=dict)
+    reason: str = ""
+    """Why, in words, when it switches."""
+    dW: dict[str, float] = field(default_factory=dict)
+    """Per module: layer-mean weight-norm change from the previous window,
+    percent (empty at the first window)."""
+    dL: Optional[float] = None
+    """Loss change from the previous window, percent; None at the first window."""
+    du: Optional[dict[str, float]] = None
+    """Per module: layer-mean relative update ||W_t - W_t-1|| / ||W_t-1||,
+    percent; None where not measured."""
+    tested: bool = False
+    """The criterion ran (k windows kept, min_windows reached, switch allowed)."""
+    passed: bool = False
+    max_abs_dW: Optional[float] = None
+    """Largest |dW| over the modules and the kept windows, percent."""
+    max_abs_dL: Optional[float] = None
+    max_update: Optional[float] = None
+    """Largest module-mean relative update over the last k - 1 windows, percent."""
+
+
+@dataclass(kw_only=True)
 class Record:
     """Fields every record has. Subclasses set ``kind``."""
 
@@ -142,8 +171,8 @@ class StepRecord(Record):
 
 
 @dataclass(kw_only=True)
-class WindowRecord(Record):
-    """One window end: what the switch test saw."""
+class WindowRecord(Record, Decision):
+    """One window end: the policy's ``Decision`` and what it saw."""
 
     kind: ClassVar[str] = "window"
     window: int
@@ -155,12 +184,6 @@ class WindowRecord(Record):
     """Stage during the window (the switch window is recorded in stage 1)."""
     loss: float
     """Mean training loss over the window, all ranks."""
-    dW: dict[str, float]
-    """Per module: layer-mean weight-norm change from the previous window, percent."""
-    dL: Optional[float]
-    """Loss change from the previous window, percent; None at the first window."""
-    du: Optional[dict[str, float]] = None
-    """Per module: layer-mean relative update ||W_t - W_t-1|| / ||W_t-1||, percent."""
     tau: float
     """The run's weight-norm threshold, percent."""
     zeta: float
@@ -345,3 +368,41 @@ class ScalingRow:
 
 SCALING_ROW_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ScalingRow))
 """Keys of a scaling row, in the order the bench writes them."""
+
+
+@dataclass
+class BenchRatios:
+    """The side-by-side ratios of one ``prelora-bench`` result (None where
+    the configurations compared were not measured). Every ratio is ours
+    over the other, step times over step times unless the name says else."""
+
+    step_time_ratio: Optional[float] = None
+    """Stage 3 over stage 1, each timed in its own block."""
+    step_time_ratio_interleaved: Optional[float] = None
+    """Stage 3 over stage 1, stepped in turn (drift cannot bias it: quote this)."""
+    compute_time_ratio: Optional[float] = None
+    """Stage 3 over stage 1, compute (forward, backward, optimizer) only."""
+    grad_bytes_ratio: Optional[float] = None
+    allreduce_bytes_ratio: Optional[float] = None
+    peak_memory_ratio: Optional[float] = None
+    trainable_fraction: Optional[float] = None
+    """Stage 3's trainable parameters over stage 1's."""
+    optimizer_state_ratio: Optional[float] = None
+    flop_ratio: Optional[float] = None
+    """Stage 3's FLOPs per step over stage 1's (with the structural checks)."""
+    stage3_over_floor: Optional[float] = None
+    """Stage 3 over the floor (stage 3 without adapters' cost)."""
+    stage3_over_floor_interleaved: Optional[float] = None
+    stage3_above_floor_s: Optional[float] = None
+    """Seconds per step stage 3 spends above the floor."""
+    stage1_over_peer: Optional[float] = None
+    """Ours over the DDP peer, stage 1."""
+    stage1_over_peer_interleaved: Optional[float] = None
+    stage1_compute_over_peer: Optional[float] = None
+    stage3_over_peer: Optional[float] = None
+    stage3_over_peer_interleaved: Optional[float] = None
+    stage3_compute_over_peer: Optional[float] = None
+
+    def to_json(self) -> dict[str, Any]:
+        return json_safe(dataclasses.asdict(self))
+

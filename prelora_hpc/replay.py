@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from .records import SwitchRecord, WindowRecord
-from .stages import SwitchParams, SwitchPolicy, WindowStats
+from .stages import Decision, SwitchParams, SwitchPolicy, WindowStats
 
 #: The replay's knobs are the policy's (``prelora`` section of the config).
 ReplayParams = SwitchParams
@@ -38,21 +38,12 @@ ReplayParams = SwitchParams
 
 @dataclass
 class WindowCheck:
-    """The test statistics at one window under the replayed parameters."""
+    """The policy's ``Decision`` at one recorded window under the replayed
+    parameters (the record the trainer acts on, with where it fell)."""
 
     window: int
     step: int
-    tested: bool
-    """Algorithm 1 runs here (k windows kept and min_windows reached)."""
-    passed: bool
-    """Algorithm 1 passes here; the first such window is the switch."""
-    max_abs_dW: Optional[float]
-    """Largest |dW| (percent) over the modules and the last k windows."""
-    max_abs_dL: Optional[float]
-    """Largest |dL| (percent) over the last k windows."""
-    max_update: Optional[float] = None
-    """Largest module-mean relative update (percent) over the last k - 1
-    windows, where the run recorded update statistics."""
+    decision: Decision
 
 
 @dataclass
@@ -106,7 +97,6 @@ def replay(windows: list[WindowRecord], params: ReplayParams,
     mode is not consulted: replaying a ``full`` run asks when it would have
     switched had it been a ``prelora`` run.
     """
-    params.check()
     hist = stage1_windows(windows)
     result = ReplayResult(params=params, switched=False, stage1_windows=len(hist))
     if actual_switch is not None:
@@ -129,9 +119,7 @@ def replay(windows: list[WindowRecord], params: ReplayParams,
         d = policy.observe(WindowStats(norms=w.norms, loss=w.loss, updates=w.updates,
                                        energy_ranks=w.energy_ranks),
                            can_switch=True)
-        result.checks.append(WindowCheck(window=w.window, step=w.step, tested=d.tested,
-                                         passed=d.passed, max_abs_dW=d.max_abs_dW,
-                                         max_abs_dL=d.max_abs_dL, max_update=d.max_update))
+        result.checks.append(WindowCheck(window=w.window, step=w.step, decision=d))
         if d.switch and not result.switched:
             result.switched = True
             result.window, result.step, result.epoch = w.window, w.step, w.epoch
@@ -156,11 +144,3 @@ def _note(r: ReplayResult) -> str:
                 f"adapted model (base plus adapters), so whether these "
                 f"parameters would have switched later cannot be answered from this run")
     return f"no switch within the recorded stage-1 windows ({horizon}); the run never switched"
-
-
-def rank_histogram(rank_map: dict[str, int]) -> dict[int, int]:
-    """How many layers got each rank, ranks ascending."""
-    hist: dict[int, int] = {}
-    for r in rank_map.values():
-        hist[int(r)] = hist.get(int(r), 0) + 1
-    return dict(sorted(hist.items()))

@@ -8,6 +8,7 @@ row. Rank 0 writes; the other ranks print warnings only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -15,9 +16,9 @@ from typing import Any, Optional
 
 from .config import Config
 from .metrics import Log, MetricsWriter
-from .records import (EndRecord, EpochRecord, StartRecord, StepRecord, StopRecord, SwitchRecord,
-                      WindowRecord)
-from .stages import Decision, WindowStats, stage_name
+from .records import (Decision, EndRecord, EpochRecord, StartRecord, StepRecord, StopRecord,
+                      SwitchRecord, WindowRecord)
+from .stages import Stage, WindowStats, rank_histogram, stage_name
 
 
 def _listed(t) -> Optional[list]:
@@ -47,12 +48,18 @@ class RunLog:
         self.log.warn(msg)
 
     # ------------------------------------------------------------ the run
-    def start(self, *, world_size: int, device, backend: str, precision: str,
-              global_batch: int, accum: int, steps_per_epoch: int, total_steps: int, window_steps: int,
-              params_total: int, trainable: int, stage: int, resumed_from: Optional[str],
-              resumed_step: int) -> None:
-        """The run's shape: mode, ranks, batch, steps, model size, stage."""
+    def start(self, dist, precision: str, global_batch: int, plan, params_total: int,
+              trainable: int, stage: int, resumed_from, resumed_step: int) -> None:
+        """The run's shape: mode, ranks, batch, steps, model size, stage.
+
+        ``dist``: the rank's ``DistInfo``; ``plan``: the trainer's
+        ``DataPlan``; ``resumed_from``: the resume point, or None.
+        """
         cfg, ds = self.cfg, self.cfg.deepspeed
+        world_size, device, backend = dist.world_size, dist.device, dist.backend
+        accum, steps_per_epoch = plan.accum, plan.steps_per_epoch
+        total_steps, window_steps = plan.total_steps, plan.window_steps
+        resumed_from = None if resumed_from is None else str(resumed_from.path)
         self.info(f"mode {cfg.run.mode}, {world_size} rank(s) on {device.type} "
                   f"({backend}), {precision}, ZeRO {ds.zero_stage}")
         how = " (auto)" if ds.grad_accum_steps == "auto" else ""
@@ -111,7 +118,7 @@ class RunLog:
         pc = self.cfg.prelora
         # Past the switch the norms are of the effective weights W0 + s B A:
         # what still moves once the base is frozen.
-        what = "dW" if stage == 1 else "dW(eff)"
+        what = "dW" if stage == Stage.FULL else "dW(eff)"
         dw = ", ".join(f"{m} {v:+.3f}%" for m, v in decision.dW.items())
         dl = f"{decision.dL:+.3f}%" if decision.dL is not None else "n/a"
         du = ""
@@ -121,9 +128,9 @@ class RunLog:
                 du += f" (tau_update {pc.tau_update}%)"
         self.info(f"window {window} [{stage_name(stage)}] step {step} loss {stats.loss:.4f} | "
                   f"{what} {dw or 'n/a'} (tau {pc.tau}%) | dL {dl} (zeta {pc.zeta}%){du}")
-        self.metrics.record(WindowRecord(window=window, step=step, epoch=epoch, stage=stage,
-                                         loss=stats.loss, dW=decision.dW, dL=decision.dL,
-                                         du=decision.du or None, tau=pc.tau, zeta=pc.zeta,
+        self.metrics.record(WindowRecord(**dataclasses.asdict(decision), window=window, step=step,
+                                         epoch=epoch, stage=stage, loss=stats.loss, tau=pc.tau,
+                                         zeta=pc.zeta,
                                          criterion=pc.criterion, tau_update=pc.tau_update, modules=modules,
                                          norms=stats.norms.tolist(), base_norms=_listed(stats.base_norms),
                                          updates=_listed(stats.updates),
@@ -131,7 +138,7 @@ class RunLog:
         self.metrics.scalars(step, {
             "window/loss": stats.loss, "window/dL": decision.dL,
             **{f"window/dW/{m}": v for m, v in decision.dW.items()},
-            **{f"window/update/{m}": v for m, v in decision.du.items()}})
+            **{f"window/update/{m}": v for m, v in (decision.du or {}).items()}})
 
     def switch(self, *, step: int, epoch: int, stage: int, reason: str,
                rank_map: dict[str, int], before: int, after: int, params_total: int,
@@ -144,12 +151,9 @@ class RunLog:
         self.info(f"  trainable parameters {before:,} -> {after:,} "
                   f"({100.0 * before / params_total:.1f}% -> {pct:.1f}% of "
                   f"{params_total:,}); optimizer state carried for {carried} tensors")
-        if stage == 2:
-            hist: dict[int, int] = {}
-            for r in rank_map.values():
-                hist[r] = hist.get(r, 0) + 1
+        if layers:
             self.info(f"  rank map ({len(rank_map)} layers, rank: count) "
-                      f"{dict(sorted(hist.items()))}")
+                      f"{rank_histogram(rank_map)}")
             for m, ranks in layers.items():
                 self.info(f"    {m:<10} {ranks}")
             if self.is_main:

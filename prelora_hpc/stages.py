@@ -2,6 +2,9 @@
 it, and the rule that decides the switch.
 
 - ``Stage``: 1 full, 2 full + LoRA, 3 LoRA only, with the names the logs use.
+- ``StageMachine``: the run's stage, mode, rank map, warm-up count and
+  switch step; turns each window's ``Decision`` into a ``Transition`` (or
+  none). Pure and serialisable; the trainer executes what it returns.
 - ``shape_for_stage``: inject adapters and set ``requires_grad`` for a stage;
   the trainer, the bench and the exporter all shape models through it.
 - ``SwitchPolicy``: window statistics in, ``Decision`` out. Pure: it keeps
@@ -16,12 +19,15 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 import numpy as np
+import torch
 import torch.nn as nn
 
+from .config import config_from_dict
+from .records import Decision
 from .convergence import (WindowHistory, assign_ranks, partial_convergence, update_convergence,
                           window_changes)
 from .lora import freeze_base, inject_lora, lora_modules, unfreeze_all
@@ -43,6 +49,14 @@ class Stage(enum.IntEnum):
 def stage_name(stage: int) -> str:
     """``Stage(stage).display`` for a plain int (as records store it)."""
     return Stage(stage).display
+
+
+def rank_histogram(rank_map: dict[str, int]) -> dict[int, int]:
+    """How many layers got each rank, ranks ascending."""
+    hist: dict[int, int] = {}
+    for r in rank_map.values():
+        hist[int(r)] = hist.get(int(r), 0) + 1
+    return dict(sorted(hist.items()))
 
 
 def shape_for_stage(model: nn.Module, stage: int, rank_map: dict[str, int], cfg) -> nn.Module:
@@ -88,9 +102,6 @@ class SwitchParams:
     energy: float = 0.9
     """Share of the last window's update energy a rank must hold ('energy')."""
 
-    CRITERIA = ("norm", "update")
-    RANK_RULES = ("norm", "energy")
-
     @classmethod
     def from_config(cls, cfg) -> "SwitchParams":
         """The values a run uses, from its resolved ``Config``."""
@@ -109,52 +120,29 @@ class SwitchParams:
         """``"tau=0.5,zeta=5,k=4"`` (any subset of the fields) over ``base``.
 
         Raises ValueError naming the offending item for an unknown key, a
-        repeated key or a value that is not of the right kind.
+        repeated key or a value the run's config would refuse (the same
+        rule: the ``prelora`` section's).
         """
-        kinds = {f.name: {"float": float, "int": int, "str": str}[str(f.type)]
-                 for f in fields(cls)}
-        changes: dict[str, Any] = {}
+        names = {f.name for f in fields(cls)}
+        changes: dict[str, str] = {}
         for item in filter(None, (s.strip() for s in text.split(","))):
             key, sep, value = item.partition("=")
             key = key.strip()
-            if not sep or key not in kinds:
+            if not sep or key not in names:
                 raise ValueError(f"replay: {item!r} is not key=value with key one of "
-                                 f"{sorted(kinds)}")
+                                 f"{sorted(names)}")
             if key in changes:
                 raise ValueError(f"replay: {key} given twice")
-            try:
-                changes[key] = kinds[key](value.strip())
-            except ValueError:
-                raise ValueError(f"replay: {key}={value.strip()!r} is not "
-                                 f"{'a number' if kinds[key] is float else 'an integer'}") from None
-        out = replace(base, **changes)
-        out.check()
-        return out
+            changes[key] = value.strip()
+        return cls.validated({**base.as_dict(), **changes}, "replay")
 
-    def check(self) -> None:
-        """Raise ValueError for values the trainer's config would reject."""
-        for name in ("tau", "zeta", "tau_update"):
-            v = getattr(self, name)
-            if not math.isfinite(v) or v < 0:
-                raise ValueError(f"replay: {name} must be finite and >= 0, got {v}")
-        if self.k < 2:
-            raise ValueError(f"replay: k must be >= 2, got {self.k}")
-        if self.min_windows < 0:
-            raise ValueError(f"replay: min_windows must be >= 0, got {self.min_windows}")
-        for name in ("r_min", "r_max"):
-            r = getattr(self, name)
-            if r <= 0 or r & (r - 1):
-                raise ValueError(f"replay: {name} must be a power of two, got {r}")
-        if self.r_min > self.r_max:
-            raise ValueError(f"replay: r_min={self.r_min} > r_max={self.r_max}")
-        if self.criterion not in self.CRITERIA:
-            raise ValueError(f"replay: criterion must be one of {self.CRITERIA}, "
-                             f"got {self.criterion!r}")
-        if self.rank_rule not in self.RANK_RULES:
-            raise ValueError(f"replay: rank_rule must be one of {self.RANK_RULES}, "
-                             f"got {self.rank_rule!r}")
-        if not 0 < self.energy <= 1:
-            raise ValueError(f"replay: energy must be in (0, 1], got {self.energy}")
+    @classmethod
+    def validated(cls, values: dict[str, Any], source: str) -> "SwitchParams":
+        """Parameters from raw ``values`` (numbers or their text), checked by
+        the config's rules for the ``prelora`` section; ConfigError (a
+        ValueError) names the key and ``source``."""
+        cfg = config_from_dict({}, source, [f"prelora.{k}={v}" for k, v in values.items()])
+        return cls.from_config(cfg)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,27 +167,47 @@ class WindowStats:
     energy_ranks: Optional[Any] = None
     base_norms: Optional[Any] = None
 
+    @staticmethod
+    def pack(base_sumsq: torch.Tensor, eff_sumsq: torch.Tensor, loss: float,
+             update_stats: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One rank's share as one float64 buffer for a single SUM all-reduce.
 
-@dataclass
-class Decision:
-    """What the policy decided at a window end (rank 0's, broadcast to all)."""
+        ``base_sumsq``, ``eff_sumsq``: squared Frobenius norms [modules,
+        layers] of the base and effective weights (this rank's part under
+        ZeRO-3). ``update_stats``: [3, modules, layers], the relative update
+        (percent), energy rank and a 1 where this rank measured the layer
+        (0 elsewhere), as ``UpdateTracker.local_stats`` gives them.
+        """
+        parts = [base_sumsq.flatten(), eff_sumsq.flatten()]
+        if update_stats is not None:
+            parts.append(update_stats.flatten())
+        parts.append(torch.tensor([loss], dtype=torch.float64))
+        return torch.cat([t.to(torch.float64) for t in parts])
 
-    switch: bool
-    rank_map: dict[str, int] = field(default_factory=dict)
-    reason: str = ""
-    dW: dict[str, float] = field(default_factory=dict)
-    """Last window's norm change per module, percent (None before 2 windows)."""
-    dL: Optional[float] = None
-    du: dict[str, float] = field(default_factory=dict)
-    """Last window's mean relative update per module, percent (if measured)."""
-    tested: bool = False
-    """The criterion ran (k windows kept, min_windows reached, switch allowed)."""
-    passed: bool = False
-    max_abs_dW: Optional[float] = None
-    """Largest |dW| over the modules and the kept windows, percent."""
-    max_abs_dL: Optional[float] = None
-    max_update: Optional[float] = None
-    """Largest module-mean relative update over the last k - 1 windows, percent."""
+    @classmethod
+    def unpack(cls, buf: torch.Tensor, shape: tuple[int, int], world_size: int, *,
+               sharded: bool, adapted: bool, with_updates: bool,
+               with_energy: bool) -> "WindowStats":
+        """The reduced statistics from ``pack``'s buffer summed over ranks.
+
+        ``sharded``: every rank packed a slice of each weight (ZeRO-3), so
+        the sums are whole norms; otherwise each rank packed all of it, so
+        they are averaged. ``adapted``: adapters exist (``base_norms`` is
+        then kept). Updates are reported only once every layer was measured.
+        """
+        buf = buf.cpu()
+        n = shape[0] * shape[1]
+        scale = 1.0 if sharded else 1.0 / world_size
+        base = (buf[:n] * scale).view(shape).sqrt()
+        stats = cls(norms=(buf[n:2 * n] * scale).view(shape).sqrt(),
+                    loss=float(buf[-1]) / world_size, base_norms=base if adapted else None)
+        if with_updates:
+            u = buf[2 * n:5 * n].view(3, *shape)
+            if bool((u[2] > 0).all()):
+                stats.updates = u[0]
+                if with_energy:
+                    stats.energy_ranks = u[1].round().to(torch.int64)
+        return stats
 
 
 class SwitchPolicy:
@@ -214,7 +222,6 @@ class SwitchPolicy:
 
     def __init__(self, params: SwitchParams, modules: list[str], num_layers: int,
                  block_prefix: str = "blocks"):
-        params.check()
         self.params = params
         self.history = WindowHistory(modules, num_layers, params.k, block_prefix)
         self._updates: deque[Optional[list[list[float]]]] = deque(maxlen=params.k)
@@ -297,3 +304,88 @@ class SwitchPolicy:
         self.history.load_state_dict(state["history"])
         self._updates = deque(state["updates"], maxlen=self.params.k)
         self._energy = state["energy"]
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A stage change the trainer executes: rebuild the engine for ``to``,
+    say ``reason``, write the stage's first checkpoint."""
+
+    to: Stage
+    step: int
+    """Optimizer step at which the change happens."""
+    reason: str
+    from_full: bool
+    """The switch out of stage 1 (the rank map is new: log and write it)."""
+
+
+class StageMachine:
+    """Which stage a run is in and when it moves on. Pure; no collectives.
+
+    Modes: ``full`` stays in stage 1; ``lora`` is in stage 3 from step 0
+    with every layer at one rank; ``prelora`` starts in stage 1, switches
+    when a window's ``Decision`` says so (to stage 2, or straight to 3 with
+    no warm-up), and leaves stage 2 after ``warmup_windows`` windows.
+    """
+
+    MODES = ("full", "prelora", "lora")
+
+    def __init__(self, mode: str, warmup_windows: int):
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
+        self.warmup_windows = warmup_windows
+        self.stage = Stage.FULL
+        self.rank_map: dict[str, int] = {}
+        self.switch_step: Optional[int] = None
+        """Optimizer step at which the run left stage 1 (None before)."""
+        self.stage2_windows = 0
+
+    @classmethod
+    def for_run(cls, mode: str, warmup_windows: int, layer_names: list[str],
+                lora_rank: int) -> "StageMachine":
+        """A run's machine at step 0 (``lora``: every layer at ``lora_rank``)."""
+        m = cls(mode, warmup_windows)
+        if mode == "lora":
+            m.stage = Stage.LORA
+            m.rank_map = {name: lora_rank for name in layer_names}
+        return m
+
+    @property
+    def can_switch(self) -> bool:
+        """The switch test may end stage 1 at this window."""
+        return self.mode == "prelora" and self.stage == Stage.FULL
+
+    def after_window(self, decision: Decision, step: int) -> Optional[Transition]:
+        """Act on a window's ``decision`` at optimizer step ``step``: the
+        transition to execute, or None."""
+        if decision.switch:
+            if not self.can_switch:
+                raise ValueError(f"a switch decision in {self.stage.display} of a "
+                                 f"{self.mode!r} run")
+            self.rank_map = dict(decision.rank_map)
+            self.switch_step = step
+            self.stage = Stage.FULL_LORA if self.warmup_windows > 0 else Stage.LORA
+            return Transition(self.stage, step, decision.reason, from_full=True)
+        if self.stage != Stage.FULL_LORA:
+            return None
+        self.stage2_windows += 1
+        if self.stage2_windows < self.warmup_windows:
+            return None
+        self.stage = Stage.LORA
+        return Transition(Stage.LORA, step,
+                          f"{self.stage2_windows} warm-up window(s) of stage 2 done",
+                          from_full=False)
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state, for checkpoints."""
+        return {"mode": self.mode, "stage": int(self.stage), "rank_map": dict(self.rank_map),
+                "switch_step": self.switch_step, "stage2_windows": self.stage2_windows}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict``; the mode and warm-up length stay the run's
+        config's (a resumed run may change neither its past nor its stage)."""
+        self.stage = Stage(state["stage"])
+        self.rank_map = {k: int(v) for k, v in state["rank_map"].items()}
+        self.switch_step = state["switch_step"]
+        self.stage2_windows = state["stage2_windows"]

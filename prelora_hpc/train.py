@@ -1,4 +1,4 @@
-"""The stage machine and the training loop.
+"""The training loop: it executes what the stage machine decides.
 
 Stage 1 trains every parameter. At each window end every rank contributes
 its weight-norm statistics and mean window loss to an all-reduce; rank 0
@@ -10,7 +10,9 @@ stage 3 freezes the base and trains the adapters (and the configured small
 parts) to the end. Each stage change rebuilds the DeepSpeed engine.
 
 Modes: ``full`` stays in stage 1, ``lora`` trains adapters on a frozen
-random base from step 0, ``prelora`` is the product.
+random base from step 0, ``prelora`` is the product. Which stage a run is
+in, and when it moves on, is ``stages.StageMachine``'s; an optimizer step
+ends where DeepSpeed's accumulation boundary says (``StepResult.boundary``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.distributed as tdist
 import torch.nn as nn
 
 from .checkpoint_policy import CheckpointManager
-from .config import Config, dump_config
+from .config import Config, ConfigError, dump_config
 from .convergence import NormTracker, UpdateTracker
 from .data import build_dataloaders, prepare_data
 from .engine import (accumulation_steps, build_engine, current_lr, destroy_engine, extract_state,
@@ -38,7 +40,8 @@ from .lora import lora_modules
 from .memory import peak_memory_bytes, reset_peak_memory
 from .model import build_model, count_parameters
 from .runlog import RunLog
-from .stages import Decision, SwitchParams, SwitchPolicy, WindowStats, shape_for_stage, stage_name
+from .stages import (Decision, Stage, StageMachine, SwitchParams, SwitchPolicy, Transition,
+                     WindowStats, shape_for_stage)
 from .step import StepResult, TrainStep
 
 
@@ -65,29 +68,12 @@ def reduce_window_stats(tracker: NormTracker, updates: Optional[UpdateTracker],
     # the update statistics under ZeRO-3).
     adapted = bool(lora_modules(model))
     eff_sq = tracker.local_effective_sumsq(model) if adapted and not sharded else base_sq
-    parts = [base_sq.flatten(), eff_sq.flatten()]
-    if updates is not None:
-        parts.append(updates.local_stats(model).flatten())
-    parts.append(torch.tensor([local_loss], dtype=torch.float64))
-    buf = torch.cat(parts).to(device)
+    buf = WindowStats.pack(base_sq, eff_sq, local_loss,
+                           None if updates is None else updates.local_stats(model)).to(device)
     tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
-    buf = buf.cpu()
-    n = base_sq.numel()
-    # Replicated weights: every rank holds all of it, so average; ZeRO-3
-    # partitions: each rank holds a slice, so the sum is the whole.
-    scale = 1.0 if sharded else 1.0 / world_size
-    shape = base_sq.shape
-    base = (buf[:n] * scale).view(shape).sqrt()
-    eff = (buf[n:2 * n] * scale).view(shape).sqrt()
-    stats = WindowStats(norms=eff, loss=float(buf[-1]) / world_size,
-                        base_norms=base if adapted else None)
-    if updates is not None:
-        u = buf[2 * n:5 * n].view(3, *shape)
-        if bool((u[2] > 0).all()):  # every layer measured (not the first window)
-            stats.updates = u[0]
-            if updates.energy is not None:
-                stats.energy_ranks = u[1].round().to(torch.int64)
-    return stats
+    return WindowStats.unpack(buf, tuple(base_sq.shape), world_size, sharded=sharded,
+                              adapted=adapted, with_updates=updates is not None,
+                              with_energy=updates is not None and updates.energy is not None)
 
 
 def decide_on_rank0(policy: SwitchPolicy, stats: WindowStats, can_switch: bool,
@@ -101,9 +87,9 @@ def decide_on_rank0(policy: SwitchPolicy, stats: WindowStats, can_switch: bool,
 
 @dataclass
 class Progress:
-    """The trainer's position, saved in every checkpoint."""
+    """The trainer's position in the data and the windows, saved in every
+    checkpoint (the stage is the ``StageMachine``'s)."""
 
-    stage: int = 1
     global_step: int = 0
     epoch: int = 0
     samples_in_epoch: int = 0        # this rank's samples consumed in `epoch`
@@ -111,8 +97,6 @@ class Progress:
     window_steps_done: int = 0
     window_loss_sum: float = 0.0
     window_loss_count: int = 0
-    stage2_windows: int = 0
-    switch_step: Optional[int] = None
     skipped_steps: int = 0
 
 
@@ -175,7 +159,7 @@ def plan_data(cfg: Config, dist: DistInfo) -> DataPlan:
     step_samples = ds.micro_batch_size * accum
     steps_per_epoch = len(loaders.train_sampler) // step_samples
     if steps_per_epoch == 0:
-        raise ValueError(f"an epoch has {loaders.train_size // dist.world_size} samples per rank, "
+        raise ConfigError(f"an epoch has {loaders.train_size // dist.world_size} samples per rank, "
                          f"fewer than one optimizer step needs (micro_batch_size x "
                          f"grad_accum_steps = {step_samples})")
     total = steps_per_epoch * cfg.run.epochs
@@ -199,13 +183,103 @@ def build_switch(cfg: Config, model: nn.Module, dist: DistInfo
     return tracker, policy, updates
 
 
-class Trainer:
-    """Trains one run as its config says. Every rank constructs one.
+class SwitchWatch:
+    """One rank's part of the switch: the norm tracker, the policy (decides
+    on rank 0) and the update statistics this rank measures."""
 
-    ``train()`` returns the process exit code: 0 when the run is complete,
-    ``EXIT_RESUBMIT`` (85) or ``EXIT_INTERRUPTED`` (130) when a stop signal
-    ended it after a checkpoint.
+    def __init__(self, cfg: Config, model: nn.Module, dist: DistInfo):
+        self.tracker, self.policy, self.updates = build_switch(cfg, model, dist)
+        self.dist = dist
+
+    def judge(self, model: nn.Module, local_loss: float,
+              can_switch: bool) -> tuple[WindowStats, Decision]:
+        """Collective: the window's statistics over all ranks and rank 0's decision."""
+        stats = reduce_window_stats(self.tracker, self.updates, model, local_loss,
+                                    self.dist.world_size, self.dist.device)
+        return stats, decide_on_rank0(self.policy, stats, can_switch, self.dist.is_main)
+
+    def ranks_by_module(self, rank_map: dict[str, int]) -> dict[str, list[int]]:
+        """Each tracked module's ranks, block by block (for the log)."""
+        t = self.tracker
+        return {m: [rank_map[t.layer_name(m, i)] for i in range(t.num_layers)]
+                for m in t.module_names}
+
+
+def progress_and_stages(d: dict) -> tuple[Progress, dict]:
+    """A checkpoint's trainer state as (``Progress``, ``StageMachine`` state).
+
+    Checkpoints written before the stage machine kept its state in the
+    progress record and the rank map beside it; both layouts load.
     """
+    progress = dict(d["progress"])
+    legacy = {k: progress.pop(k, None) for k in ("stage", "stage2_windows", "switch_step")}
+    stages = d.get("stages") or {"stage": legacy["stage"], "rank_map": d.get("rank_map", {}),
+                                 "switch_step": legacy["switch_step"],
+                                 "stage2_windows": legacy["stage2_windows"] or 0}
+    return Progress(**progress), stages
+
+
+def rebuild_engine(engine, model: nn.Module, stage: Stage, rank_map: dict[str, int],
+                   cfg: Config, dist: DistInfo) -> tuple[Any, int]:
+    """Collective: destroy ``engine``, shape ``model`` for ``stage`` and build
+    its engine, carrying the AdamW state of parameters that stay trainable
+    (unless ``prelora.reset_optimizer``). Returns (new engine, tensors carried)."""
+    carried = None if cfg.prelora.reset_optimizer else extract_state(engine, model)
+    destroy_engine(engine)
+    shape_for_stage(model, stage, rank_map, cfg).to(dist.device)
+    reset_peak_memory(dist.device)
+    engine = build_engine(model, cfg, dist)
+    return engine, restore_state(engine, model, carried) if carried else 0
+
+
+class TrainerState:
+    """What a checkpoint captures of a trainer besides DeepSpeed's own state:
+    its progress, stage machine and policy (rank 0's copy is kept), and
+    each rank's own window-loss sums and update references."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.t = trainer
+
+    @property
+    def rank_map(self) -> dict[str, int]:
+        return self.t.stages.rank_map
+
+    def state_dict(self) -> dict:
+        t = self.t
+        t.losses.drain_into(t.p)
+        return {"progress": vars(t.p).copy(), "stages": t.stages.state_dict(),
+                "policy": t.watch.policy.state_dict()}
+
+    def load_state_dict(self, d: dict) -> None:
+        t = self.t
+        t.p, stages = progress_and_stages(d)
+        t.stages.load_state_dict(stages)
+        t.watch.policy.load_state_dict(d["policy"] if "policy" in d else d["tracker"])
+
+    def rank_state_dict(self) -> dict:
+        t = self.t
+        t.losses.drain_into(t.p)
+        updates = t.watch.updates
+        return {"world_size": t.dist.world_size,
+                "window_loss": (t.p.window_loss_sum, t.p.window_loss_count),
+                "updates": None if updates is None else updates.state_dict()}
+
+    def load_rank_state_dict(self, d: Optional[dict]) -> None:
+        """On another world size the data is sharded and the layers split
+        differently: the window's loss so far is rank 0's, and the update
+        history restarts (one window later)."""
+        t = self.t
+        if d is None or d["world_size"] != t.dist.world_size:
+            return
+        t.p.window_loss_sum, t.p.window_loss_count = d["window_loss"]
+        if t.watch.updates is not None and d["updates"] is not None:
+            t.watch.updates.load_state_dict(d["updates"])
+
+
+class Trainer:
+    """Trains one run as its config says; every rank constructs one. ``train()``
+    returns the exit code: 0 complete, ``EXIT_RESUBMIT`` (85) or
+    ``EXIT_INTERRUPTED`` (130) when a stop signal ended it after a checkpoint."""
 
     def __init__(self, cfg: Config, dist: DistInfo, resume: Optional[str] = None,
                  stop: Optional[StopSignal] = None):
@@ -219,45 +293,40 @@ class Trainer:
             dump_config(cfg, self.out / "config.yaml")
         self.log = RunLog(cfg, dist.rank, self.out)
         self.checkpoints = CheckpointManager(cfg, dist.rank, self.log.info)
+        self.saved = TrainerState(self)
         # The same seed on every rank: identical initial weights; the data
-        # order is sharded by the sampler, augmentation seeded per rank.
+        # order is sharded by the sampler, augmentation seeded per sample.
         seed_all(cfg.run.seed)
-        plan = plan_data(cfg, dist)
-        self.loaders, self.accum, self.steps_per_epoch = plan.loaders, plan.accum, plan.steps_per_epoch
-        self.total_steps, self.window_steps = plan.total_steps, plan.window_steps
+        self.plan = plan_data(cfg, dist)
+        self.loaders = self.plan.loaders
         self.model = build_model(cfg.model)
-        # Identical weights came from the shared seed; from here on each rank
-        # draws its own augmentation and dropout randomness.
+        # From here on each rank draws its own dropout randomness.
         seed_all(cfg.run.seed + 7919 * dist.rank)
         self.params_total = count_parameters(self.model)
-        self.tracker, self.policy, self.updates = build_switch(cfg, self.model, dist)
+        self.watch = SwitchWatch(cfg, self.model, dist)
+        self.stages = StageMachine.for_run(cfg.run.mode, cfg.prelora.warmup_windows,
+                                           self.watch.tracker.layer_names(), cfg.lora.rank)
         self.p = Progress()
-        self.rank_map: dict[str, int] = {}
         self.losses = LossMeter(self.device)
-        self._last_eval_step = -1
-
+        self.last_eval_step = -1
         point = self.checkpoints.resume_point(resume, dist.world_size, self.log.warn)
         if point is not None:
-            self.p.stage, self.rank_map = point.stage, point.rank_map
-        elif cfg.run.mode == "lora":
-            self.rank_map = {name: cfg.lora.rank for name in self.tracker.layer_names()}
-            self.p.stage = 3
-        # Convert, then build: the model takes the shape of its stage before
-        # DeepSpeed sees it.
-        shape_for_stage(self.model, self.p.stage, self.rank_map, cfg).to(self.device)
-        self._set_engine(build_engine(self.model, cfg, dist))
+            self.stages.stage, self.stages.rank_map = Stage(point.stage), dict(point.rank_map)
+        # Convert, then build: the model takes its stage's (or the checkpoint's)
+        # shape before DeepSpeed sees it.
+        shape_for_stage(self.model, self.stage, self.rank_map, cfg).to(self.device)
+        self.set_engine(build_engine(self.model, cfg, dist))
         if point is not None:
-            self.checkpoints.restore(self.engine, self, point)
-            self.log.resumed(point.path, self.p.stage, self.p.global_step, self.p.epoch)
-        self.log.start(world_size=dist.world_size, device=self.device, backend=dist.backend,
-                       precision=self.precision, global_batch=self.global_batch, accum=self.accum,
-                       steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
-                       window_steps=self.window_steps, params_total=self.params_total,
-                       trainable=self.trainable_count(), stage=self.p.stage,
-                       resumed_from=str(point.path) if point else None,
-                       resumed_step=self.p.global_step)
+            self.checkpoints.restore(self.engine, self.saved, point)
+            self.log.resumed(point.path, self.stage, self.p.global_step, self.p.epoch)
+        self.log.start(dist, self.precision, self.global_batch, self.plan, self.params_total,
+                       self.trainable_count(), self.stage, point, self.p.global_step)
 
-    def _set_engine(self, engine) -> None:
+    stage = property(lambda self: self.stages.stage, doc="The current ``Stage``.")
+    rank_map = property(lambda self: self.stages.rank_map, doc="Layer name -> LoRA rank.")
+
+    def set_engine(self, engine) -> None:
+        """Train with ``engine`` from now on (a new one per stage)."""
         self.engine = engine
         stop = self.stop
         self.step_fn = TrainStep(engine, self.device, self.precision,
@@ -265,115 +334,48 @@ class Trainer:
                                  stop_requested=lambda: stop is not None and stop.received is not None,
                                  on_nonfinite=self.nonfinite_loss)
 
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        """The trainer's own progress (DeepSpeed saves weights and optimizer)."""
-        self.losses.drain_into(self.p)
-        return {"progress": vars(self.p).copy(), "rank_map": dict(self.rank_map),
-                "policy": self.policy.state_dict(), "mode": self.cfg.run.mode}
-
-    def rank_state_dict(self) -> dict:
-        """What differs per rank: its own window-loss sums (DeepSpeed keeps
-        only rank 0's client state) and the update statistics' reference
-        copies of the layers this rank measures."""
-        self.losses.drain_into(self.p)
-        return {"world_size": self.dist.world_size,
-                "window_loss": (self.p.window_loss_sum, self.p.window_loss_count),
-                "updates": None if self.updates is None else self.updates.state_dict()}
-
-    def load_rank_state_dict(self, d: Optional[dict]) -> None:
-        """Restore ``rank_state_dict``. On another world size the data is
-        sharded and the layers split differently: the window's loss so far is
-        rank 0's, and the update history restarts (one window later)."""
-        if d is None or d["world_size"] != self.dist.world_size:
-            return
-        self.p.window_loss_sum, self.p.window_loss_count = d["window_loss"]
-        if self.updates is not None and d["updates"] is not None:
-            self.updates.load_state_dict(d["updates"])
-
-    def load_state_dict(self, d: dict) -> None:
-        self.p = Progress(**d["progress"])
-        self.rank_map = dict(d["rank_map"])
-        # Checkpoints from before the policy held the history call it "tracker".
-        self.policy.load_state_dict(d["policy"] if "policy" in d else d["tracker"])
-
-    # ------------------------------------------------------------------ stages
     def trainable_count(self) -> int:
         return count_parameters(self.model, trainable_only=True)
 
-    def rebuild(self, new_stage: int) -> tuple[int, int, int]:
-        """Collective: shape the model for ``new_stage`` and build its engine,
-        carrying optimizer state. Returns (trainable before, trainable after,
-        parameters whose optimizer state was carried)."""
-        before = self.trainable_count()
-        carried = None if self.cfg.prelora.reset_optimizer else extract_state(self.engine, self.model)
-        destroy_engine(self.engine)
-        self.engine = None
-        self.p.stage = new_stage
-        shape_for_stage(self.model, new_stage, self.rank_map, self.cfg).to(self.device)
-        reset_peak_memory(self.device)
-        self._set_engine(build_engine(self.model, self.cfg, self.dist))
-        restored = restore_state(self.engine, self.model, carried) if carried else 0
-        return before, self.trainable_count(), restored
-
-    def switch(self, new_stage: int, decision: Optional[Decision]) -> None:
-        """Collective: rebuild for ``new_stage``, say why, save its first checkpoint."""
-        before, after, restored = self.rebuild(new_stage)
-        if new_stage == 2:
-            self.p.switch_step = self.p.global_step
-        why = decision.reason if decision else (
-            f"{self.p.stage2_windows} warm-up window(s) of stage 2 done")
-        layers = {m: [self.rank_map[self.tracker.layer_name(m, l)]
-                      for l in range(self.tracker.num_layers)]
-                  for m in self.tracker.module_names} if new_stage == 2 else {}
-        self.log.switch(step=self.p.global_step, epoch=self.p.epoch, stage=new_stage, reason=why,
-                        rank_map=self.rank_map, before=before, after=after,
-                        params_total=self.params_total, carried=restored, layers=layers)
-        self.checkpoints.at_switch(self.engine, self, new_stage, self.p.global_step)
-
-    # ------------------------------------------------------------- decisions
-    def window_stats(self) -> WindowStats:
-        """Collective: this window's statistics over all ranks."""
-        self.losses.drain_into(self.p)
-        local_loss = self.p.window_loss_sum / max(1, self.p.window_loss_count)
-        return reduce_window_stats(self.tracker, self.updates, self.model, local_loss,
-                                   self.dist.world_size, self.device)
-
-    def decide(self, stats: WindowStats) -> Decision:
-        """Collective: rank 0's policy records the window and decides; all
-        ranks return rank 0's decision (``stats`` on other ranks are ignored)."""
-        can_switch = self.cfg.run.mode == "prelora" and self.p.stage == 1
-        return decide_on_rank0(self.policy, stats, can_switch, self.dist.is_main)
-
     def window_end(self) -> None:
-        """Collective: reduce the window's statistics, decide, act on the decision."""
-        stats = self.window_stats()
-        decision = self.decide(stats)
+        """Collective: reduce the window's statistics, decide, execute the transition."""
         p = self.p
+        self.losses.drain_into(p)
+        stats, decision = self.watch.judge(self.model, p.window_loss_sum / max(1, p.window_loss_count),
+                                           self.stages.can_switch)
         p.windows_done += 1
         if self.dist.is_main:
             self.log.window(window=p.windows_done, step=p.global_step, epoch=p.epoch,
-                            stage=p.stage, stats=stats, decision=decision,
-                            modules=self.tracker.module_names)
+                            stage=self.stage, stats=stats, decision=decision,
+                            modules=self.watch.tracker.module_names)
         p.window_steps_done, p.window_loss_sum, p.window_loss_count = 0, 0.0, 0
-        if decision.switch:
-            self.rank_map = decision.rank_map
-            self.switch(2 if self.cfg.prelora.warmup_windows > 0 else 3, decision)
-        elif p.stage == 2:
-            p.stage2_windows += 1
-            if p.stage2_windows >= self.cfg.prelora.warmup_windows:
-                self.switch(3, None)
+        transition = self.stages.after_window(decision, p.global_step)
+        if transition is not None:
+            self.execute(transition)
 
-    # --------------------------------------------------------------- stepping
+    def execute(self, t: Transition) -> None:
+        """Collective: rebuild the engine for ``t.to`` carrying optimizer state,
+        say why, and write the new stage's first checkpoint."""
+        before = self.trainable_count()
+        engine, self.engine = self.engine, None
+        engine, restored = rebuild_engine(engine, self.model, t.to, self.rank_map, self.cfg,
+                                          self.dist)
+        self.set_engine(engine)
+        self.log.switch(step=t.step, epoch=self.p.epoch, stage=t.to, reason=t.reason,
+                        rank_map=self.rank_map, before=before, after=self.trainable_count(),
+                        params_total=self.params_total, carried=restored,
+                        layers=self.watch.ranks_by_module(self.rank_map) if t.from_full else {})
+        self.checkpoints.at_switch(self.engine, self.saved, t.to, t.step)
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """Collective: one micro batch through the step (``prelora_hpc.step``)."""
-        return self.step_fn(x, y, lr=lr_at(self.cfg, self.p.global_step, self.total_steps))
+        return self.step_fn(x, y, lr=lr_at(self.cfg, self.p.global_step, self.plan.total_steps))
 
     def nonfinite_loss(self) -> None:
         """Every rank, when some rank's loss in this optimizer step was not
         finite: stop the run, or skip the step, as ``run.on_nonfinite_loss`` says."""
         where = (f"non-finite loss at step {self.p.global_step} "
-                 f"(epoch {self.p.epoch}, {stage_name(self.p.stage)})")
+                 f"(epoch {self.p.epoch}, {self.stage.display})")
         if self.cfg.run.on_nonfinite_loss == "stop":
             raise NonFiniteLoss(where + "; the latest checkpoint is the last good state")
         self.p.skipped_steps += 1
@@ -383,8 +385,8 @@ class Trainer:
         """Run to the end (0) or to a stop signal (85 walltime, 130 Ctrl-C)."""
         self.model.train()
         t_run = time.perf_counter()
-        sampler = self.loaders.train_sampler
-        while self.p.epoch < self.cfg.run.epochs and self.p.global_step < self.total_steps:
+        sampler, total = self.loaders.train_sampler, self.plan.total_steps
+        while self.p.epoch < self.cfg.run.epochs and self.p.global_step < total:
             sampler.set_epoch(self.p.epoch, start=self.p.samples_in_epoch)
             for x, y in self.loaders.train:
                 res = self.train_step(x, y)
@@ -396,7 +398,7 @@ class Trainer:
                 self.on_optimizer_step(None if res.nonfinite else res.loss)
                 if res.stop:
                     return self.stop_for_signal()
-                if self.p.global_step >= self.total_steps:
+                if self.p.global_step >= total:
                     break
             else:
                 self.end_epoch()
@@ -413,18 +415,17 @@ class Trainer:
         p, cfg = self.p, self.cfg
         p.global_step += 1
         p.window_steps_done += 1
+        value = None if loss is None else float(loss)
         if self.log.bar_mode:
-            self.log.progress(p.global_step, self.total_steps, p.stage, p.epoch,
-                              None if loss is None else float(loss))
+            self.log.progress(p.global_step, self.plan.total_steps, self.stage, p.epoch, value)
         if p.global_step % cfg.logging.interval_steps == 0 and self.dist.is_main:
-            self.log.step(step=p.global_step, total=self.total_steps, stage=p.stage,
-                          epoch=p.epoch, loss=None if loss is None else float(loss),
-                          lr=current_lr(self.engine), global_batch=self.global_batch,
-                          trainable=self.trainable_count(),
+            self.log.step(step=p.global_step, total=self.plan.total_steps, stage=self.stage,
+                          epoch=p.epoch, loss=value, lr=current_lr(self.engine),
+                          global_batch=self.global_batch, trainable=self.trainable_count(),
                           peak_memory_bytes=peak_memory_bytes(self.device))
-        if cfg.prelora.window_steps != "epoch" and p.window_steps_done >= self.window_steps:
+        if cfg.prelora.window_steps != "epoch" and p.window_steps_done >= self.plan.window_steps:
             self.window_end()
-        self.checkpoints.periodic(self.engine, self, p.stage, p.global_step)
+        self.checkpoints.periodic(self.engine, self.saved, self.stage, p.global_step)
 
     def end_epoch(self) -> None:
         """Collective: the epoch's window end (one-epoch windows) and evaluation."""
@@ -438,12 +439,12 @@ class Trainer:
 
     def evaluate_and_record(self) -> None:
         """Collective: validate and write the epoch's line, record and summary row."""
-        self._last_eval_step = self.p.global_step
+        self.last_eval_step = self.p.global_step
         t0 = time.perf_counter()
         ev = evaluate(self.model, self.loaders.val, self.device)
         self.log.not_training(time.perf_counter() - t0)
         self.log.epoch(epoch=self.p.epoch, epochs=self.cfg.run.epochs, step=self.p.global_step,
-                       stage=self.p.stage, ev=ev, trainable=self.trainable_count(),
+                       stage=self.stage, ev=ev, trainable=self.trainable_count(),
                        peak_memory_bytes=peak_memory_bytes(self.device))
 
     def stop_for_signal(self) -> int:
@@ -452,16 +453,16 @@ class Trainer:
         # all of them the same exit code (Ctrl-C: 130, walltime: resubmit).
         name, code, then = StopSignal.outcome(self.stop.agree(self.device))
         self.log.stopping(step=self.p.global_step, signal=name, code=code, then=then)
-        self.checkpoints.at_stop(self.engine, self, self.p.stage, self.p.global_step)
+        self.checkpoints.at_stop(self.engine, self.saved, self.stage, self.p.global_step)
         self.log.stopped(step=self.p.global_step, signal=name)
         return code
 
     def finish(self, wall_s: float) -> None:
         """Collective: the last evaluation (unless it just ran), checkpoint and record."""
-        if self._last_eval_step != self.p.global_step:
+        if self.last_eval_step != self.p.global_step:
             self.evaluate_and_record()
-        self.checkpoints.at_end(self.engine, self, self.p.stage, self.p.global_step)
-        self.log.end(step=self.p.global_step, epoch=self.p.epoch, stage=self.p.stage,
+        self.checkpoints.at_end(self.engine, self.saved, self.stage, self.p.global_step)
+        self.log.end(step=self.p.global_step, epoch=self.p.epoch, stage=self.stage,
                      wall_s=wall_s, trainable=self.trainable_count(),
                      params_total=self.params_total, skipped_steps=self.p.skipped_steps)
 

@@ -64,7 +64,7 @@ def format_table(r: dict[str, Any]) -> str:
         b = _fmt(s3.get(key), kind) if s3 else "-"
         q = r.get(ratio_key) if ratio_key else None
         lines.append(f"{label:34}{a:>16}{b:>16}{(f'{q:.3f}' if q is not None else ''):>10}")
-    if s1 and s3 and "flop_ratio" in r:
+    if s1 and s3 and r.get("flop_ratio") is not None:
         lines.append(f"{'FLOPs per step (one rank)':34}{s1['checks']['flops_per_step']:>16.3g}"
                      f"{s3['checks']['flops_per_step']:>16.3g}{r['flop_ratio']:>10.3f}")
     fl = r.get("floor")

@@ -29,6 +29,8 @@ from ..engine import (build_engine, destroy_engine, global_batch, resolve_precis
                       trainable_in_engine)
 from ..memory import PeakMemory, release_free_memory
 from ..model import build_model, count_parameters
+from ..records import BenchRatios
+from ..stages import rank_histogram
 from ..step import TrainStep, input_dtype
 from .checks import bf16_probe, stage_checks
 from .cost import (GPUS_PER_NODE, adapter_parameter_count, allreduce_time, floor_model,
@@ -478,8 +480,7 @@ def run(cfg: Config, dist, rank_map: dict[str, int], rank_map_source: str, opts:
         "peak_memory_method": ctx.memory.method,
         "rank_map": {"source": rank_map_source, "r_min": cfg.prelora.r_min,
                      "r_max": cfg.prelora.r_max, "layers": len(rank_map),
-                     "histogram": {str(r): sum(1 for v in rank_map.values() if v == r)
-                                   for r in sorted(set(rank_map.values()))},
+                     "histogram": {str(r): n for r, n in rank_histogram(rank_map).items()},
                      "ranks": dict(rank_map)},
     }
     stages: dict[str, Any] = {}
@@ -501,43 +502,36 @@ def run(cfg: Config, dist, rank_map: dict[str, int], rank_map_source: str, opts:
     result["interleaved"] = (interleaved_stages(ctx, configs)
                              if opts.interleave and len(configs) > 1 else None)
     # The ratios are always there (None where not measured): a stable schema.
-    for k in ("step_time_ratio", "compute_time_ratio", "grad_bytes_ratio", "allreduce_bytes_ratio",
-              "peak_memory_ratio", "trainable_fraction", "optimizer_state_ratio",
-              "stage1_over_peer", "stage3_over_peer", "stage1_compute_over_peer",
-              "stage1_over_peer_interleaved", "stage3_over_peer_interleaved",
-              "stage3_compute_over_peer", "stage3_over_floor", "stage3_above_floor_s",
-              "step_time_ratio_interleaved", "stage3_over_floor_interleaved"):
-        result[k] = None
+    r = BenchRatios()
     result["floor"] = floor
     result["peer"] = dict(peer, kind=opts.peer) if opts.peer else None
     for name in peer:
-        result[f"{name}_over_peer"] = ratio(stages[name]["step_time_s"], peer[name]["step_time_s"])
-        result[f"{name}_compute_over_peer"] = ratio(stages[name]["compute_time_s"],
-                                                    peer[name]["compute_time_s"])
-        result[f"{name}_over_peer_interleaved"] = peer[name]["interleaved"]["ratio"]
+        setattr(r, f"{name}_over_peer", ratio(stages[name]["step_time_s"],
+                                              peer[name]["step_time_s"]))
+        setattr(r, f"{name}_compute_over_peer", ratio(stages[name]["compute_time_s"],
+                                                      peer[name]["compute_time_s"]))
+        setattr(r, f"{name}_over_peer_interleaved", peer[name]["interleaved"]["ratio"])
     if result["interleaved"] is not None:
-        result["step_time_ratio_interleaved"] = result["interleaved"]["stage3_over_stage1"]
-        result["stage3_over_floor_interleaved"] = result["interleaved"]["stage3_over_floor"]
+        r.step_time_ratio_interleaved = result["interleaved"]["stage3_over_stage1"]
+        r.stage3_over_floor_interleaved = result["interleaved"]["stage3_over_floor"]
     if floor is not None and s3 is not None:
-        result["stage3_over_floor"] = ratio(s3["step_time_s"], floor["step_time_s"])
-        result["stage3_above_floor_s"] = s3["step_time_s"] - floor["step_time_s"]
+        r.stage3_over_floor = ratio(s3["step_time_s"], floor["step_time_s"])
+        r.stage3_above_floor_s = s3["step_time_s"] - floor["step_time_s"]
     if s3 is not None and opts.checks and opts.bf16_probe and precision == "fp32" \
             and dist.device.type == "cpu" and cfg.deepspeed.zero_stage in (0, 1, 2):
         s3["checks"]["low_precision_masters"] = bf16_probe(ctx)
     if s1 is not None and s3 is not None:
-        result.update({
-            "step_time_ratio": ratio(s3["step_time_s"], s1["step_time_s"]),
-            "compute_time_ratio": ratio(s3["compute_time_s"], s1["compute_time_s"]),
-            "grad_bytes_ratio": ratio(s3["grad_bytes"], s1["grad_bytes"]),
-            "allreduce_bytes_ratio": ratio(s3["allreduce_bytes_per_step"],
-                                           s1["allreduce_bytes_per_step"]),
-            "peak_memory_ratio": ratio(s3["peak_memory_bytes"], s1["peak_memory_bytes"]),
-            "trainable_fraction": ratio(s3["trainable_params"], s1["trainable_params"]),
-            "optimizer_state_ratio": ratio(s3["optimizer_state_bytes"], s1["optimizer_state_bytes"]),
-        })
+        r.step_time_ratio = ratio(s3["step_time_s"], s1["step_time_s"])
+        r.compute_time_ratio = ratio(s3["compute_time_s"], s1["compute_time_s"])
+        r.grad_bytes_ratio = ratio(s3["grad_bytes"], s1["grad_bytes"])
+        r.allreduce_bytes_ratio = ratio(s3["allreduce_bytes_per_step"],
+                                        s1["allreduce_bytes_per_step"])
+        r.peak_memory_ratio = ratio(s3["peak_memory_bytes"], s1["peak_memory_bytes"])
+        r.trainable_fraction = ratio(s3["trainable_params"], s1["trainable_params"])
+        r.optimizer_state_ratio = ratio(s3["optimizer_state_bytes"], s1["optimizer_state_bytes"])
         if opts.checks:
-            result["flop_ratio"] = ratio(s3["checks"]["flops_per_step"],
-                                         s1["checks"]["flops_per_step"])
+            r.flop_ratio = ratio(s3["checks"]["flops_per_step"], s1["checks"]["flops_per_step"])
+    result.update(r.to_json())
     big = max(s["grad_bytes"] for s in stages.values())
     net = network_model(dist, big, bandwidth_gbps, latency_us)
     result["network"] = net

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from ..replay import ReplayResult, rank_histogram
+from ..replay import ReplayResult
+from ..stages import rank_histogram
 from ..stages import stage_name
 from .read import Run, stage_movement, stage_stats
 

@@ -272,12 +272,12 @@ def plot_replay(run: Run, res: ReplayResult, path: Path) -> Path:
     last = run.windows[-1] if run.windows else None
     run_tau, run_zeta = (last.tau, last.zeta) if last else (None, None)
     run_tau_update = last.tau_update if last and last.criterion == "update" else None
-    first = ((ax_w, [c.max_update for c in res.checks], p.tau_update, run_tau_update,
+    first = ((ax_w, [c.decision.max_update for c in res.checks], p.tau_update, run_tau_update,
               "tau_update")
              if p.criterion == "update" else
-             (ax_w, [c.max_abs_dW for c in res.checks], p.tau, run_tau, "tau"))
+             (ax_w, [c.decision.max_abs_dW for c in res.checks], p.tau, run_tau, "tau"))
     for ax, ys, thr, run_thr, name in (
-            first, (ax_l, [c.max_abs_dL for c in res.checks], p.zeta, run_zeta, "zeta")):
+            first, (ax_l, [c.decision.max_abs_dL for c in res.checks], p.zeta, run_zeta, "zeta")):
         ax.plot(xs, _positive(ys), ".-", color="0.3", lw=1, ms=4,
                 label=f"max over the last {p.k} windows")
         ax.axhline(thr, color="#c44e52", lw=1.5, label=f"replay {name} = {thr}%")

@@ -116,7 +116,7 @@ def test_replay_with_the_update_criterion_uses_the_recorded_updates(short_run):
                                                    "zeta=1000,min_windows=0", base), None)
     # k = 2 windows, one measured update between them: window 2 at the earliest.
     assert loose.switched and loose.window == 2
-    assert all(c.max_update is not None for c in loose.checks[1:])
+    assert all(c.decision.max_update is not None for c in loose.checks[1:])
     strict = replay(run.windows, ReplayParams.parse("criterion=update,tau_update=0", base), None)
     assert not strict.switched
     energy = replay(run.windows, ReplayParams.parse("criterion=update,tau_update=1000,zeta=1000,"

@@ -16,6 +16,7 @@ from prelora_hpc.config import load_config
 from prelora_hpc.engine import base_optimizer, lr_at
 from prelora_hpc.launch import init_distributed
 from prelora_hpc.lora import lora_modules
+from prelora_hpc.stages import Decision, Stage
 from prelora_hpc.train import Trainer
 
 STAGE1_STEPS = 3
@@ -38,9 +39,11 @@ def main():
     for _ in range(STAGE1_STEPS):
         t.train_step(x, y)
         t.p.global_step += 1
-    t.rank_map = {t.tracker.layer_name(m, l): 4 for m in t.tracker.module_names
-                  for l in range(t.tracker.num_layers)}
-    t.rebuild(2)
+    # The switch as a window's decision would order it: into stage 2.
+    ranks = {name: 4 for name in t.watch.tracker.layer_names()}
+    t.execute(t.stages.after_window(Decision(switch=True, rank_map=ranks, reason="test"),
+                                    t.p.global_step))
+    assert t.stage == Stage.FULL_LORA
 
     # The gradient the engine will apply: this batch's, averaged over ranks,
     # computed on detached copies so the engine's state is untouched.
@@ -57,7 +60,7 @@ def main():
             adapters[key] = (getattr(m, part).weight, g / dist.world_size, scale)
     before = {k: p.detach().clone() for k, (p, _, _) in adapters.items()}
 
-    lr = lr_at(cfg, t.p.global_step, t.total_steps)
+    lr = lr_at(cfg, t.p.global_step, t.plan.total_steps)
     o = cfg.optim
     t.train_step(x, y)
     errors, sizes = {}, {}

@@ -14,7 +14,7 @@ import torch
 from prelora_hpc.config import load_config
 from prelora_hpc.launch import init_distributed
 from prelora_hpc.stages import WindowStats
-from prelora_hpc.train import Trainer
+from prelora_hpc.train import Trainer, decide_on_rank0
 
 
 def main():
@@ -24,7 +24,8 @@ def main():
                        "prelora.k=3"])
     dist = init_distributed(120)
     t = Trainer(cfg, dist)
-    shape = (len(t.tracker.module_names), t.tracker.num_layers)
+    tracker = t.watch.tracker
+    shape = (len(tracker.module_names), tracker.num_layers)
     converged_here = (case == "rank0_converged") == (dist.rank == 0)
     decisions = []
     for w in range(4):
@@ -35,7 +36,8 @@ def main():
         else:
             norms = torch.full(shape, 10.0 * (1.5 ** w), dtype=torch.float64)
             loss = 2.0 / (1.5 ** w)
-        d = t.decide(WindowStats(norms, loss))
+        d = decide_on_rank0(t.watch.policy, WindowStats(norms, loss), t.stages.can_switch,
+                            dist.is_main)
         decisions.append({"switch": d.switch, "rank_map": d.rank_map})
     t.close()
     with open(f"{out}/decide_rank{dist.rank}.json", "w") as f:

@@ -14,6 +14,7 @@ from prelora_hpc.engine import trainable_in_engine
 from prelora_hpc.launch import init_distributed
 from prelora_hpc.lora import lora_modules
 from prelora_hpc.model import parameter_digest
+from prelora_hpc.stages import Stage
 from prelora_hpc.train import Trainer
 
 
@@ -25,7 +26,7 @@ class ProbeTrainer(Trainer):
         self.engine_sets = {}
 
     def on_optimizer_step(self, loss):
-        if self.p.stage == 3:
+        if self.stage == Stage.LORA:
             named = dict(self.model.named_parameters())
             base = {n: p.detach().clone() for n, p in named.items() if ".base_layer." in n}
             lora = {n: p.detach().clone() for n, p in named.items() if ".lora_" in n}
@@ -33,7 +34,7 @@ class ProbeTrainer(Trainer):
                 self.base0, self.lora0 = base, lora
             self.base_last, self.lora_last = base, lora
             self.stage3_steps += 1
-        self.engine_sets[self.p.stage] = (
+        self.engine_sets[int(self.stage)] = (
             sorted(trainable_in_engine(self.engine, self.model)),
             sorted(n for n, p in self.model.named_parameters() if p.requires_grad))
         super().on_optimizer_step(loss)
@@ -50,7 +51,7 @@ def main():
         "rank_map": t.rank_map,
         "lora_ranks": {n: m.r for n, m in lora_modules(t.model).items()},
         "param_sha256": parameter_digest(t.model),
-        "stage": t.p.stage,
+        "stage": int(t.stage),
         "stage3_steps": t.stage3_steps,
         "base_unchanged": all(torch.equal(t.base0[n], t.base_last[n]) for n in t.base0),
         "lora_changed": any(not torch.equal(t.lora0[n], t.lora_last[n]) for n in t.lora0),

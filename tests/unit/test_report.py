@@ -53,7 +53,7 @@ def test_bad_replay_spec_and_missing_run_are_errors(tmp_path, capsys):
         ReplayParams.parse("tua=1", ReplayParams(tau=1, zeta=1, k=2, r_min=4, r_max=8))
     with pytest.raises(ValueError, match="power of two"):
         ReplayParams.parse("r_max=12", ReplayParams(tau=1, zeta=1, k=2, r_min=4, r_max=8))
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match="'prelora.k' in replay: must be >= 2"):
         ReplayParams.parse("k=1", ReplayParams(tau=1, zeta=1, k=2, r_min=4, r_max=8))
 
 

@@ -1,12 +1,11 @@
 """The stage machine: stage names, model shaping, and the switch policy that
 the trainer and the replay both decide with (no MPI)."""
 
-import inspect
-
 import numpy as np
 import pytest
 import timm
 import torch
+import torch.distributed as tdist
 
 from prelora_hpc import replay as replay_mod
 from prelora_hpc import train as train_mod
@@ -14,8 +13,9 @@ from prelora_hpc.config import config_from_dict
 from prelora_hpc.convergence import (NormTracker, UpdateTracker, energy_rank, relative_update,
                                      top_singular_values, update_convergence)
 from prelora_hpc.lora import inject_lora, lora_modules
-from prelora_hpc.stages import (Stage, SwitchParams, SwitchPolicy, WindowStats, shape_for_stage,
-                                stage_name)
+from prelora_hpc.records import WindowRecord
+from prelora_hpc.stages import (Stage, StageMachine, SwitchParams, SwitchPolicy, WindowStats,
+                                shape_for_stage, stage_name)
 
 MODULES = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
@@ -53,21 +53,49 @@ def test_shape_for_stage_injects_once_and_freezes_in_stage3(vit):
     assert all(p.requires_grad for p in vit.parameters())
 
 
-def test_trainer_and_replay_decide_through_the_same_policy():
-    # One rule, two callers: neither module carries a decision rule of its own.
-    for mod in (train_mod, replay_mod):
-        src = inspect.getsource(mod)
-        assert "SwitchPolicy" in src
-        assert "partial_convergence" not in src and "assign_ranks" not in src
+@pytest.fixture(scope="module")
+def one_rank_group(tmp_path_factory):
+    """A real one-process gloo group: the trainer's decision is a broadcast."""
+    init = tmp_path_factory.mktemp("pg") / "init"
+    tdist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
+    yield
+    tdist.destroy_process_group()
 
 
-def _norm_windows():
+def test_trainer_and_replay_take_the_same_decisions_over_the_same_windows(vit, one_rank_group):
+    """The same windows through the trainer's path (its policy, decided on
+    rank 0 and broadcast, acted on by the stage machine) and through the
+    replay of their records: the same tests, passes, switch and rank map."""
+    cfg = config_from_dict({"prelora": {"tau": 0.5, "zeta": 1.0, "k": 3, "r_min": 2,
+                                        "r_max": 8, "warmup_windows": 1}})
+    dist = type("Dist", (), {"rank": 0, "world_size": 1, "is_main": True,
+                             "device": torch.device("cpu")})()
+    tracker, policy, _ = train_mod.build_switch(cfg, vit, dist)
+    stages = StageMachine.for_run("prelora", 1, tracker.layer_names(), 16)
+    windows = _norm_windows(layers=tracker.num_layers)
+    trainer_side, switch = [], None
+    for i, w in enumerate(windows):
+        d = train_mod.decide_on_rank0(policy, w, stages.can_switch, is_main=True)
+        trainer_side.append((d.tested, d.passed))
+        t = stages.after_window(d, step=10 * (i + 1))
+        if t is not None and t.from_full:
+            switch = (i + 1, dict(stages.rank_map))
+    records = [WindowRecord(window=i + 1, step=10 * (i + 1), epoch=0, stage=1, loss=w.loss,
+                            dW={}, dL=None, tau=0.5, zeta=1.0, modules=MODULES,
+                            norms=np.asarray(w.norms).tolist())
+               for i, w in enumerate(windows)]
+    result = replay_mod.replay(records, SwitchParams.from_config(cfg))
+    assert [(c.decision.tested, c.decision.passed) for c in result.checks] == trainer_side
+    assert switch is not None and (result.window, result.rank_map) == switch
+
+
+def _norm_windows(layers=2):
     # Norms move 10 %, 5 %, then settle (0.1 %, 0.05 %); the loss flattens.
     scales = [1.0, 1.1, 1.155, 1.156155, 1.156733]
     losses = [2.0, 1.5, 1.4, 1.39, 1.389]
     out = []
     for t, (s, loss) in enumerate(zip(scales, losses)):
-        norms = np.full((len(MODULES), 2), 10.0 * s)
+        norms = np.full((len(MODULES), layers), 10.0 * s)
         norms[:, 1] *= 1.0 + 0.001 * t  # layer 1 keeps moving a little more
         out.append(WindowStats(norms=norms, loss=loss))
     return out
@@ -198,8 +226,12 @@ def test_update_tracker_splits_layers_over_ranks_and_sums_to_the_whole(vit):
     second = sum(u.local_stats() for u in per_rank)
     assert (second[2] == 1).all()
     assert torch.allclose(second[0], torch.full((4, 2), 2.0, dtype=torch.float64))
-    # A uniform scaling is rank-1 only if the weight is; energy ranks are in R.
-    assert set(second[1].flatten().tolist()) <= {2.0, 4.0, 8.0}
+    # The update is 0.02 W: its energy rank is the weight's, from an exact SVD.
+    for i, mod in enumerate(MODULES):
+        for l in range(2):
+            w = vit.get_submodule(f"blocks.{l}.{mod}").weight.detach().double() / 1.02
+            exact = torch.linalg.svdvals(0.02 * w).numpy()
+            assert second[1, i, l] == energy_rank(exact, 0.9, 2, 8), (mod, l)
 
 
 def test_update_tracker_state_round_trip_measures_the_same_next_window(vit):

@@ -45,7 +45,7 @@ def main() -> int:
         "backend": tdist.get_backend(),
         "env": {k: os.environ.get(k) for k in ("MASTER_ADDR", "GLOO_SOCKET_IFNAME", "LOCAL_SIZE",
                                                "LOCAL_RANK", "TMPDIR")},
-        "stage": trainer.p.stage,
+        "stage": int(trainer.stage),
         "rank_map": trainer.rank_map,
         "lora_ranks": {n: m.r for n, m in lora_modules(trainer.model).items()},
         "param_sha256": parameter_digest(trainer.model),
