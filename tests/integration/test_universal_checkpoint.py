@@ -17,6 +17,10 @@ import torch
 from mpi_util import run_mpi, script_cmd, train_cmd
 from prelora_hpc import checkpoint as ckpt
 
+# DeepSpeed's universal checkpoint (converter and loader): make test-compat
+# runs all of these against the site's DeepSpeed too.
+pytestmark = pytest.mark.compat
+
 # vit_tiny_cpu switches to stage 2 at step 4 and to stage 3 at step 6, on one
 # rank as on two; a checkpoint after every step, all kept.
 RUN = ["deepspeed.zero_stage=1", "optim.schedule=constant", "run.max_steps=7",
