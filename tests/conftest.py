@@ -87,6 +87,19 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(line)
 
 
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory):
+    """vit_tiny_cpu trained on 2 ranks to the end, uninterrupted: 16 steps,
+    stage 2 from step 4 and stage 3 from step 6, a constant learning rate (so
+    run.max_steps elsewhere does not change the schedule), a step record per
+    step. Shared by the tests that only read it (resume, export)."""
+    from mpi_util import run_mpi, train_cmd
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_mpi(train_cmd(out, "optim.schedule=constant", "logging.interval_steps=1"))
+    return out
+
+
 # Soak tests (tests/test_soak.py) report what they survived here, so the
 # figure shows in a plain ``pytest -ra`` run.
 _soak_lines: list[str] = []

@@ -31,12 +31,11 @@ def step_losses(run_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    run_mpi(train_cmd(out, *BASE))
-    return out
+def reference(uninterrupted_run):
+    return uninterrupted_run    # trained with BASE
 
 
+@pytest.mark.compat
 def test_resume_in_each_stage_matches_an_uninterrupted_run(reference, tmp_path):
     ref = step_losses(reference)
     assert len(ref) == 16
@@ -85,9 +84,9 @@ def _start(run_dir, *overrides):
                             stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigterm_checkpoints_and_exits_for_resubmission(tmp_path, workers):
-    proc = _start(tmp_path, f"data.num_workers={workers}")
+def test_sigterm_with_dataloader_workers_checkpoints_and_exits_for_resubmission(tmp_path):
+    """Without workers: test_faults' test_a_directory_in_use_..._stops_on_sigterm."""
+    proc = _start(tmp_path, "data.num_workers=2")
     _wait_for(lambda: _steps_done(tmp_path) >= 3, 180, "three training steps")
     proc.send_signal(signal.SIGTERM)  # what PBS sends at the end of walltime
     out, _ = proc.communicate(timeout=120)
@@ -142,8 +141,7 @@ def test_nan_loss_can_skip_steps_instead(tmp_path):
     assert end["skipped_steps"] == 1 and end["step"] == 16
 
 
-@pytest.mark.mpi
-@pytest.mark.parametrize("zero,accum", [(2, 2), (3, 1)])
+@pytest.mark.parametrize("zero,accum", [pytest.param(2, 2, marks=pytest.mark.compat), (3, 1)])
 def test_a_nan_on_one_rank_skips_the_whole_step_everywhere(tmp_path, zero, accum):
     """The flags are agreed once per optimizer step, after backward: the
     step's update is discarded on every rank, weights and AdamW state

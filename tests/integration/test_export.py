@@ -8,22 +8,19 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from mpi_util import run_mpi, train_cmd
 from prelora_hpc.export import export, load_trained
 
 pytestmark = pytest.mark.mpi
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    run_mpi(train_cmd(run, "run.epochs=1"))  # reaches stage 3 at step 6 of 8
-    return run
+def trained(uninterrupted_run):
+    return uninterrupted_run    # in stage 3 from step 6 of 16
 
 
 @pytest.fixture(scope="module")
-def exported(trained):
-    return export(trained)
+def exported(trained, tmp_path_factory):
+    return export(trained, tmp_path_factory.mktemp("export"))
 
 
 def test_merged_model_loads_into_fresh_timm_and_matches_lora_logits(trained, exported):

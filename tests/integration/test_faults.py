@@ -6,6 +6,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -179,13 +180,21 @@ def _wait_for_steps(run_dir, n, proc, timeout=180):
 
 
 def _ranks_of(run_dir):
-    return [p for p in psutil.process_iter(["cmdline", "name"])
-            if str(run_dir) in " ".join(p.info["cmdline"] or [])
-            and "python" in " ".join(p.info["cmdline"] or [])
-            and "mpiexec" not in (p.info["name"] or "")]
+    """The ranks' processes; not their DataLoader workers, which are forked
+    from them with the same command line."""
+    procs = [p for p in psutil.process_iter(["cmdline", "name", "ppid"])
+             if str(run_dir) in " ".join(p.info["cmdline"] or [])
+             and "python" in " ".join(p.info["cmdline"] or [])
+             and "mpiexec" not in (p.info["name"] or "")]
+    pids = {p.pid for p in procs}
+    return [p for p in procs if p.info["ppid"] not in pids]
 
 
-def test_second_run_on_a_directory_in_use_is_refused(tmp_path):
+def test_a_directory_in_use_refuses_a_second_run_and_the_first_stops_on_sigterm(tmp_path):
+    """A second run on the directory is refused naming the holder; the first
+    then gets SIGTERM (what PBS sends at the end of walltime): it writes a
+    checkpoint at the step it stops at and exits 85 for resubmission.
+    test_checkpoint_mpi has the SIGTERM twin with DataLoader workers."""
     first = _start(tmp_path, extra_env={"SLURM_JOB_ID": "4242"})
     try:
         _wait_for_steps(tmp_path, 2, first)
@@ -204,7 +213,10 @@ def test_second_run_on_a_directory_in_use_is_refused(tmp_path):
     assert first.returncode == EXIT_RESUBMIT, err[-3000:]
     # The refused run wrote nothing: one start record, the first run's.
     assert len(read_metrics(tmp_path, "start")) == 1
-    assert ckpt.verify(point_of(tmp_path)) == []
+    stop = read_metrics(tmp_path, "stop")[-1]
+    point = point_of(tmp_path)
+    assert point.global_step == stop["step"] and ckpt.verify(point) == []
+    assert f"stopping at step {stop['step']} on SIGTERM" in out
     assert not (tmp_path / LOCK_NAME).exists()
 
 
@@ -236,33 +248,73 @@ def test_ctrl_c_checkpoints_exits_130_and_the_same_command_resumes(tmp_path, wor
     assert point_of(tmp_path).global_step == stop["step"] + 1
 
 
+class Lines:
+    """A pipe read line by line in the background, so that a test can wait
+    for a line with a deadline while the process runs."""
+
+    def __init__(self, pipe):
+        self.lines: list[str] = []
+        self.closed = False
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe):
+        for line in pipe:
+            with self._cv:
+                self.lines.append(line)
+                self._cv.notify_all()
+        with self._cv:
+            self.closed = True
+            self._cv.notify_all()
+
+    def wait_for(self, needle: str, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while sum(needle in line for line in self.lines) < count:
+                left = deadline - time.monotonic()
+                if self.closed or left <= 0:
+                    raise AssertionError(f"{count} x {needle!r} never came:\n"
+                                         + "".join(self.lines)[-3000:])
+                self._cv.wait(left)
+
+    def text(self) -> str:
+        self._thread.join(timeout=30)
+        return "".join(self.lines)
+
+
+#: The stop checkpoint takes this long: far beyond the wait for the job to
+#: end, so a job that ends did not write it.
+SLOW_STOP_S = 900
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_second_ctrl_c_ends_at_once(tmp_path, workers):
-    cmd = [mpiexec(), "-n", "2", *script_cmd("slow_stop_checkpoint.py", 60, "--config", CONFIG,
-                                             "--output-dir", tmp_path, *BASE, "run.epochs=200",
-                                             f"data.num_workers={workers}")]
+    cmd = [mpiexec(), "-n", "2", *script_cmd("slow_stop_checkpoint.py", SLOW_STOP_S, "--config",
+                                             CONFIG, "--output-dir", tmp_path, *BASE,
+                                             "run.epochs=200", f"data.num_workers={workers}")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    out, err = Lines(proc.stdout), Lines(proc.stderr)
     try:
         _wait_for_steps(tmp_path, 5, proc)
         ranks = _ranks_of(tmp_path)
         assert len(ranks) == 2
         for r in ranks:
             r.send_signal(signal.SIGINT)
-        # A step ends within a second: both ranks are then in the (slow)
-        # stop checkpoint, and training has stopped.
-        time.sleep(4)
+        # Both ranks are in the (slow) stop checkpoint: training has stopped.
+        out.wait_for("writing the stop checkpoint", 2, timeout=120)
         latest = (tmp_path / "checkpoints" / "latest").read_text()
-        t0 = time.time()
         for r in ranks:
             r.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-        elapsed = time.time() - t0
+        proc.wait(timeout=90)
     finally:
         if proc.poll() is None:
+            for r in _ranks_of(tmp_path):
+                r.kill()
             proc.kill()
+    out, err = out.text(), err.text()
     assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]
-    assert elapsed < 20, f"{elapsed:.0f} s to end after a second Ctrl-C"
     assert out.count("writing the stop checkpoint") == 2, out[-2000:]
     assert "second interrupt: stopping now without a checkpoint" in err
     assert "Traceback" not in out + err

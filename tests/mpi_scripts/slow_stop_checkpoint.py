@@ -20,7 +20,7 @@ class SlowStopTrainer(train.Trainer):
 
         def slow_at_stop(*args):
             print(f"[rank {self.dist.rank}] writing the stop checkpoint", flush=True)
-            time.sleep(self.delay)
+            time.sleep(self.delay)  # the slow write itself, not a wait for anything
             return at_stop(*args)
 
         self.checkpoints.at_stop = slow_at_stop
