@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import deque
+from typing import Callable
 
 import numpy as np
 import torch
@@ -243,7 +244,12 @@ class NormTracker(WindowHistory):
     ``W0 + scaling * B @ A`` (``local_effective_sumsq``).
     """
 
-    def __init__(self, model: nn.Module, modules: list[str], k: int, block_prefix: str = "blocks"):
+    def __init__(self, model: nn.Module, modules: list[str], k: int, block_prefix: str = "blocks",
+                 local_part: Callable[[torch.Tensor], torch.Tensor] = lambda w: w):
+        """``local_part``: the part of a weight this process holds (its
+        partition where an engine partitions weights over ranks; the
+        identity otherwise), supplied by the caller that knows the engine."""
+        self.local_part = local_part
         try:
             blocks = model.get_submodule(block_prefix)
         except AttributeError:
@@ -280,22 +286,21 @@ class NormTracker(WindowHistory):
 
     @property
     def sharded(self) -> bool:
-        """True if any tracked weight is ZeRO-3-partitioned: the caller must
-        SUM-all-reduce ``local_sumsq()`` (a replicated one is already global)."""
-        return any(getattr(w, "ds_tensor", None) is not None
-                   for row in self._weights(self._model) for w in row)
+        """True if any tracked weight is partitioned over ranks (``local_part``
+        is not the whole): the caller must SUM-all-reduce ``local_sumsq()``
+        (a replicated one is already global)."""
+        return any(self.local_part(w) is not w for row in self._weights(self._model) for w in row)
 
     @torch.no_grad()
     def local_sumsq(self, model: nn.Module | None = None) -> torch.Tensor:
-        """Sum of squares of each tracked weight as this process holds it (its
-        ZeRO-3 partition when partitioned), float64 CPU, [num_modules, num_layers].
+        """Sum of squares of each tracked weight as this process holds it
+        (``local_part``), float64 CPU, [num_modules, num_layers].
         ``model`` defaults to the one given at construction."""
         rows = self._weights(self._model if model is None else model)
         flat = []
         for row in rows:
             for w in row:
-                local = w.ds_tensor if getattr(w, "ds_tensor", None) is not None else w
-                flat.append(local.detach().float().pow(2).sum())
+                flat.append(self.local_part(w).detach().float().pow(2).sum())
         # One stack and one copy: a single device sync per window end.
         return torch.stack(flat).to("cpu", torch.float64).reshape(len(rows), self.num_layers)
 

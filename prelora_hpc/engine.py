@@ -387,6 +387,13 @@ def restore_state(engine, model: nn.Module, carried: CarriedState) -> int:
     return n
 
 
+def local_part(weight: torch.Tensor) -> torch.Tensor:
+    """The part of ``weight`` this rank holds: its ZeRO-3 partition
+    (DeepSpeed's ``ds_tensor``) where ZeRO-3 partitions it, else all of it."""
+    part = getattr(weight, "ds_tensor", None)
+    return weight if part is None else part
+
+
 def build_engine(model: nn.Module, cfg: Config, dist: DistInfo):
     """Wrap ``model`` in a DeepSpeed engine that trains its ``requires_grad``
     parameters only (AdamW; lr set each step by the trainer).
