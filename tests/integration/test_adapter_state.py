@@ -7,6 +7,8 @@ import pytest
 
 from mpi_util import run_mpi, script_cmd
 
+pytestmark = [pytest.mark.mpi, pytest.mark.compat]
+
 
 @pytest.mark.parametrize("zero", [0, 1])
 def test_new_adapter_first_update_equals_fresh_adamw(tmp_path, zero):
