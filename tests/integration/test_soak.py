@@ -3,6 +3,7 @@ both switches, resumed each time, ends exactly where the uninterrupted run ends:
 bit-identical weights, identical metrics. PRELORA_SOAK_LONG=1 runs a longer
 variant (more epochs, more interruptions)."""
 
+import json
 import os
 import random
 
@@ -11,8 +12,9 @@ import torch
 
 from mpi_util import run_mpi, script_cmd, train_cmd
 from prelora_hpc.metrics import read_metrics
+from prelora_hpc.records import RECORD_TYPES, read_records
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
 LONG = os.environ.get("PRELORA_SOAK_LONG") == "1"
 CONFIG = "configs/vit_tiny_cpu.yaml"
@@ -83,6 +85,13 @@ def test_interrupted_again_and_again_ends_bit_identical(tmp_path, soak_report):
                        f"(seed {seed}), max |dw| = {max_dw:g}")
     assert max_dw == 0.0, f"seed {seed}"
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # Every line the interrupted run wrote (all kinds: stops too) reads back
+    # as one of the schema's records and writes back to the same line.
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l]
+    parsed = read_records(run)
+    assert [r.to_json() for r in parsed] == lines
+    assert {r.kind for r in parsed} == set(RECORD_TYPES)
 
     want, got = record_view(ref), record_view(run)
     assert sorted(got) == sorted(want), f"seed {seed}"
