@@ -11,10 +11,10 @@ variables with ``--export``. The template's account and QOS lines stay:
 Slurm without accounting ignores them. scripts/launch.sh then starts the
 ranks as it would at a site (``srun --mpi=pmi2``).
 
-Checked: the quick start completes as one 2-rank MPI world through all three
-stages; a walltime warning (USR1 to the batch shell) makes the run checkpoint
-and the job resubmit itself, and the follow-up resumes at the saved stage and
-step and completes; a request the cluster cannot satisfy is refused at sbatch.
+Checked: the quick start runs as one 2-rank MPI world; a walltime warning
+(USR1 to the batch shell) makes the run checkpoint and the job resubmit
+itself, and the follow-up resumes at the saved stage and step and completes
+all three stages; a request the cluster cannot satisfy is refused at sbatch.
 PRELORA_SLOW=1 adds a run where a real time limit delivers the warning.
 
 The jobs seen are listed in the "Slurm jobs" section of the terminal summary.
@@ -216,38 +216,21 @@ def test_impossible_request_is_refused_at_sbatch(slurm, tmp_path):
     assert not sub.run_dir.exists()
 
 
-def test_quickstart_completes_as_one_two_rank_world(slurm, tmp_path):
-    """The quick start, shortened to 6 epochs (132 steps) with 5-step windows
-    and thresholds that pass at once (switches at steps 15 and 20), runs
-    through all three stages on 2 ranks."""
-    sub = Submission(slurm, tmp_path, "quick start")
-    job = sub.submit(train_args="run.epochs=6 prelora.window_steps=5 prelora.tau=100 "
-                                "prelora.zeta=100")
-    info = sub.wait(job, START_S + 300)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), sub.explain(job)
-    assert info["NumTasks"] == "2", info
-
-    out = sub.output(job)
-    # launch.sh's choice under Slurm, and one MPI world of two ranks.
-    assert "scheduler=slurm nodes=1 ranks_per_node=2 ranks=2 gpus_per_node=0" in out, out[-3000:]
-    assert re.search(r"^\+ \S*srun --mpi=pmi2 -n 2 ", out, re.M), out[-3000:]
-    assert "2 rank(s) on cpu" in out, out[-3000:]
-    start = sub.records("start")
-    assert [s["world_size"] for s in start] == [2]
-    assert [s["stage"] for s in sub.records("switch")] == [2, 3]
-    end = sub.records("end")
-    assert len(end) == 1 and end[0]["stage"] == 3 and end[0]["step"] == start[0]["total_steps"]
-    assert "training finished (exit 0): no resubmission" in out
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("workers, target", [(1, "--batch"), (4, "--batch"), (4, "--full")])
-def test_walltime_signal_checkpoints_and_resubmits(slurm, tmp_path, workers, target):
-    """USR1 to the batch shell, as --signal=B:USR1@300 sends it before the
-    time limit, or to every process of the job (``--full``: the batch shell,
-    the ranks and their DataLoader workers): the run checkpoints, the job
-    resubmits itself, the follow-up resumes where the run stopped."""
+def test_quickstart_on_two_ranks_stops_on_usr1_resubmits_and_completes(slurm, tmp_path,
+                                                                        workers, target):
+    """The quick start, shortened to 3 epochs (66 steps) with 5-step windows
+    and thresholds that pass at once (switches at steps 15 and 20), runs as
+    one 2-rank MPI world. USR1 to the batch shell, as --signal=B:USR1@300
+    sends it before the time limit, or to every process of the job
+    (``--full``: the batch shell, the ranks and their DataLoader workers):
+    the run checkpoints, the job resubmits itself, the follow-up resumes
+    where the run stopped and completes all three stages."""
     sub = Submission(slurm, tmp_path, f"walltime signal, {workers} workers, {target}")
-    job = sub.submit(train_args=f"run.epochs=3 data.num_workers={workers}", max_resubmits=1)
+    job = sub.submit(train_args=f"run.epochs=3 data.num_workers={workers} "
+                                "prelora.window_steps=5 prelora.tau=100 prelora.zeta=100",
+                     max_resubmits=1)
     sub.wait_for_step(job, 5, START_S)
     r = subprocess.run(["scancel", "--signal=USR1", target, job], env=slurm.env(),
                        capture_output=True, text=True, timeout=30)
@@ -255,8 +238,17 @@ def test_walltime_signal_checkpoints_and_resubmits(slurm, tmp_path, workers, tar
     info = sub.wait(job, 180, note=f"scancel --signal=USR1 {target}")
     # 85: stopped after a checkpoint (Slurm calls any non-zero exit FAILED).
     assert info["ExitCode"] == "85:0", sub.explain(job)
-    assert "walltime warning" in sub.output(job), sub.explain(job)
+    assert info["NumTasks"] == "2", info
+    out = sub.output(job)
+    assert "walltime warning" in out, sub.explain(job)
+    # launch.sh's choice under Slurm, and one MPI world of two ranks.
+    assert "scheduler=slurm nodes=1 ranks_per_node=2 ranks=2 gpus_per_node=0" in out, out[-3000:]
+    assert re.search(r"^\+ \S*srun --mpi=pmi2 -n 2 ", out, re.M), out[-3000:]
+    assert "2 rank(s) on cpu" in out, out[-3000:]
     check_resumed(sub, job, follow_up(sub, job))
+    assert [s["world_size"] for s in sub.records("start")] == [2, 2]
+    assert [s["stage"] for s in sub.records("switch")] == [2, 3]
+    assert sub.records("end")[0]["stage"] == 3
 
 
 @pytest.mark.slow
