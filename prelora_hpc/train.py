@@ -253,6 +253,13 @@ class TrainerState:
     def load_state_dict(self, d: dict) -> None:
         t = self.t
         t.p, stages = progress_and_stages(d)
+        saved = d.get("saved_world_size")
+        if saved is not None and saved != t.dist.world_size:
+            # Each rank had taken as many samples of the epoch: keep the
+            # epoch's global position, in whole optimizer steps of this world.
+            step = t.cfg.deepspeed.micro_batch_size * t.plan.accum
+            seen = t.p.samples_in_epoch * saved // t.dist.world_size
+            t.p.samples_in_epoch = min(seen - seen % step, t.loaders.train_sampler.epoch_length())
         t.stages.load_state_dict(stages)
         t.watch.policy.load_state_dict(d["policy"] if "policy" in d else d["tracker"])
 

@@ -38,3 +38,18 @@ def test_resume_on_fewer_ranks(tmp_path, zero):
         # Nothing was loaded, nothing was written: the checkpoint stays latest.
         assert (tmp_path / "checkpoints" / "latest").read_text().strip() == latest
         assert not copy.exists()
+
+
+def test_resume_mid_epoch_on_more_ranks_keeps_the_epochs_position(tmp_path):
+    """A global batch of 32 kept by derived accumulation (2 on one rank, 1 on
+    two): one rank stops 5 steps (160 of 256 samples) into the epoch; two
+    ranks go on from the same place in the shared permutation (80 samples
+    each) and run the epoch's remaining 3 steps."""
+    batch = ["run.epochs=1", "deepspeed.train_batch_size=32", "deepspeed.grad_accum_steps=auto"]
+    run_mpi(train_cmd(tmp_path, *batch, "run.max_steps=5"), np=1)
+    p = run_mpi(train_cmd(tmp_path, *batch), np=2, check=False)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "global batch 32 = 16 micro x 1 accum (auto) x 2 ranks" in p.stdout
+    assert read_metrics(tmp_path, "start")[-1]["resumed_step"] == 5
+    assert read_metrics(tmp_path, "end")[-1]["step"] == 8
+    assert read_metrics(tmp_path, "epoch")[-1]["epoch"] == 1

@@ -36,10 +36,7 @@ def loaded_state(t: Trainer) -> dict:
             moments[name] = {k: safe_get_full_optimizer_state(p, k).detach().clone()
                              for k in ("exp_avg", "exp_avg_sq")}
             moments[name]["step"] = group_step[id(p)]
-    # The stage machine's stage (Trainer.stage), or the progress's in a
-    # trainer that keeps it there.
-    stage = int(t.stage) if hasattr(t, "stage") else t.p.stage
-    return {"stage": stage, "rank_map": dict(t.rank_map), "world_size": t.dist.world_size,
+    return {"stage": int(t.stage), "rank_map": dict(t.rank_map), "world_size": t.dist.world_size,
             "progress": {k: getattr(t.p, k) for k in ("global_step", "epoch", "windows_done")},
             "params": {n: p.detach().clone() for n, p in t.model.named_parameters()},
             "optimizer": moments}
