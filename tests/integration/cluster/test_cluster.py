@@ -230,6 +230,28 @@ def _wait_for(pred, timeout, what, proc=None):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _past_first_checkpoint(run_dir: Path):
+    """A predicate: the run has logged a step after its first checkpoint (so a
+    fault lands mid-run, between checkpoints, in a collective or a step)."""
+    def past() -> bool:
+        latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+        at = int(latest.removeprefix("step").split("-")[0])
+        try:
+            lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            return False
+        steps = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue        # a line still being written
+            if rec.get("kind") == "step":
+                steps.append(rec["step"])
+        return bool(steps) and max(steps) > at
+    return past
+
+
 #: Seconds allowed beyond run.collective_timeout_s for the job to end.
 MARGIN_S = 15
 
@@ -250,7 +272,7 @@ def test_node_loss_ends_the_job_and_the_remaining_node_resumes(emu_cluster, tmp_
     try:
         latest = run_dir / "checkpoints" / "latest"
         _wait_for(latest.is_file, 300, "a first checkpoint", job)
-        time.sleep(1.0)          # mid-run: between checkpoints, in a collective or a step
+        _wait_for(_past_first_checkpoint(run_dir), 120, "a step after the checkpoint", job)
         t0 = time.monotonic()
         c.kill(c.hosts[1])
         out, _ = job.communicate(timeout=timeout_s + MARGIN_S + 60)
@@ -304,7 +326,7 @@ def test_link_down_ends_the_job_within_the_collective_timeout(emu_cluster, tmp_p
     down = False
     try:
         _wait_for((run_dir / "checkpoints" / "latest").is_file, 300, "a first checkpoint", job)
-        time.sleep(1.0)
+        _wait_for(_past_first_checkpoint(run_dir), 120, "a step after the checkpoint", job)
         t0 = time.monotonic()
         subprocess.run(["bash", str(Path(__file__).parent / "cluster.sh"), "link", c.hosts[1], "down"],
                        check=True, capture_output=True, timeout=30)
