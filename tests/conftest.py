@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,13 @@ CANNOT_RUN = 77
 _FOREIGN = ("SLURM_", "PRELORA_", "PMI_", "PALS_", "OMPI_", "PBS_")
 
 _jobs_seen: list[str] = []
+
+# DeepSpeed's CPU communication op is built once, at install, into the venv
+# (see the Makefile); a test run started without make uses that build too,
+# and so does every process the tests start, instead of building it again.
+_EXTENSIONS = Path(sys.prefix) / "torch_extensions"
+if "TORCH_EXTENSIONS_DIR" not in os.environ and _EXTENSIONS.is_dir():
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(_EXTENSIONS)
 
 
 @dataclass
