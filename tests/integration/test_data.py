@@ -455,7 +455,10 @@ def test_build_dataloaders_digits_gives_full_batches(digits):
     loaders = build_dataloaders(data_cfg, model_cfg, 16, rank=1, world_size=2, seed=0)
     assert (loaders.num_classes, loaders.train_size, loaders.val_size) == (10, 1437, 360)
     loaders.train_sampler.set_epoch(0)
-    assert len(loaders.train_sampler) == 718
+    # Each rank's half of the images, trimmed to whole optimizer steps of 16.
+    half = loaders.train_size // 2
+    assert len(loaders.train_sampler) == half - half % 16
+    assert sum(len(y) for _, y in loaders.train) == len(loaders.train_sampler)
     x, y = next(iter(loaders.train))
     assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
     assert y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) < 10
