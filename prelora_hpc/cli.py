@@ -21,7 +21,7 @@ import sys
 import traceback
 from typing import Optional
 
-from . import launch  # noqa: F401  (imports mpi4py before torch, see launch.py)
+from . import dist_init  # noqa: F401  (imports mpi4py before torch, see dist_init.py)
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def _lock_run(run_dir: str, dist):
     the outcome. Returns (lock on rank 0 or None, error line or None, exit code)."""
     import torch.distributed as tdist
 
-    from .launch import EXIT_LOCKED, job_id
+    from .dist_init import EXIT_LOCKED, job_id
     from .runlock import RunLock, RunLocked
 
     lock, verdict = None, [(None, 0, None)]
@@ -69,7 +69,7 @@ def train_main(argv: Optional[list[str]] = None) -> int:
     """``prelora-train``: returns 0 when done, 85 when stopped for walltime,
     130 when stopped by Ctrl-C, 74 when a checkpoint could not be written,
     75 when the run directory is in use, 2 on a config error, 1 on other errors."""
-    from .launch import StopSignal
+    from .dist_init import StopSignal
 
     # First of all: a Ctrl-C from here on stops the run cleanly, never with a
     # KeyboardInterrupt traceback per rank.
@@ -95,8 +95,8 @@ def _train(argv: Optional[list[str]], stop) -> int:
 
     from .checkpoint import CheckpointError, CheckpointWriteError
     from .data.errors import DataError
-    from .launch import (EXIT_CHECKPOINT_WRITE, abort, describe_lost_peer, every_rank_says, finish,
-                         init_distributed)
+    from .dist_init import (EXIT_CHECKPOINT_WRITE, abort, describe_lost_peer, every_rank_says,
+                            finish, init_distributed)
 
     dist = init_distributed(cfg.run.collective_timeout_s)
     lock, error, code = _lock_run(cfg.run.output_dir, dist)
@@ -160,7 +160,7 @@ def _train(argv: Optional[list[str]], stop) -> int:
 def _report_late_signal(stop, dist) -> None:
     """A stop signal that came while the run was finishing changes nothing
     (the run is complete), but it is said, never dropped silently."""
-    from .launch import StopSignal
+    from .dist_init import StopSignal
 
     signum = stop.agree(dist.device)
     if signum is not None and dist.is_main:
@@ -184,7 +184,7 @@ COMMANDS = {
     "bench": ("prelora_hpc.bench", "main", "stage 1 vs stage 3 (and peers) side by side"),
     "report": ("prelora_hpc.report", "main", "plots and report.md of runs; scaling tables"),
     "compare": ("prelora_hpc.compare", "main", "paired comparison of arms over seeds"),
-    "launch": ("prelora_hpc.launcher", "main", "the launch line for this allocation"),
+    "launch": ("prelora_hpc.launch_plan", "main", "the launch line for this allocation"),
     "loader-bench": ("prelora_hpc.data.loader_bench", "main",
                      "data loader supply against the step's demand"),
 }

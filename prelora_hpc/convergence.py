@@ -126,29 +126,19 @@ def assign_ranks(changes: dict[str, list[float]], r_min: int, r_max: int) -> dic
     return out
 
 
-class WindowHistory:
-    """The last ``k`` windows' per-module, per-layer weight norms and losses.
+class LayerGrid:
+    """The tracked layers: ``modules`` in each of ``num_layers`` blocks.
+    Layer ``l`` of module ``a`` is named ``f"{block_prefix}.{l}.{a}"``, e.g.
+    ``blocks.3.attn.qkv``; statistics are laid out [module, layer]."""
 
-    Pure bookkeeping on numbers (no model, no collectives): the trainer and
-    the what-if replay keep their history in one of these, through the same
-    ``SwitchPolicy``. Layer ``l`` of module ``a`` is named
-    ``f"{block_prefix}.{l}.{a}"``, e.g. ``blocks.3.attn.qkv``.
-    """
-
-    def __init__(self, modules: list[str], num_layers: int, k: int, block_prefix: str = "blocks"):
+    def __init__(self, modules: list[str], num_layers: int, block_prefix: str = "blocks"):
         if not modules or len(set(modules)) != len(modules):
             raise ValueError(f"modules must be a non-empty list without repeats, got {modules!r}")
-        if not isinstance(k, int) or k < 2:
-            raise ValueError(f"k must be an integer >= 2, got {k!r}")
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
         self.module_names = list(modules)
         self.num_layers = num_layers
-        self.k = k
         self.block_prefix = block_prefix
-        self._norms: deque[list[list[float]]] = deque(maxlen=k)
-        self._losses: deque[float] = deque(maxlen=k)
-        self.windows_seen = 0
 
     def layer_names(self) -> list[str]:
         """Every tracked layer's module path, module by module, block by block."""
@@ -157,6 +147,24 @@ class WindowHistory:
     def layer_name(self, module: str, layer: int) -> str:
         """Full name of layer ``layer`` of ``module``, e.g. ``blocks.3.attn.qkv``."""
         return f"{self.block_prefix}.{layer}.{module}"
+
+
+class WindowHistory(LayerGrid):
+    """The last ``k`` windows' per-module, per-layer weight norms and losses.
+
+    Pure bookkeeping on numbers (no model, no collectives): the trainer and
+    the what-if replay keep their history in one of these, through the same
+    ``SwitchPolicy``.
+    """
+
+    def __init__(self, modules: list[str], num_layers: int, k: int, block_prefix: str = "blocks"):
+        super().__init__(modules, num_layers, block_prefix)
+        if not isinstance(k, int) or k < 2:
+            raise ValueError(f"k must be an integer >= 2, got {k!r}")
+        self.k = k
+        self._norms: deque[list[list[float]]] = deque(maxlen=k)
+        self._losses: deque[float] = deque(maxlen=k)
+        self.windows_seen = 0
 
     def _check_window(self, norms, loss) -> tuple[list[list[float]], float]:
         arr = np.asarray(norms.detach().cpu() if isinstance(norms, torch.Tensor) else norms,
@@ -236,15 +244,15 @@ class WindowHistory:
         self.windows_seen = int(state["windows_seen"])
 
 
-class NormTracker(WindowHistory):
-    """A ``WindowHistory`` that reads its norms from a timm ViT's tracked linears.
+class NormTracker(LayerGrid):
+    """Reads per-layer norms from a timm ViT's tracked linears.
 
     A LoRA wrapper keeping the original as ``.base_layer`` is tracked through
     its base weight (``local_sumsq``) or through its effective weight
     ``W0 + scaling * B @ A`` (``local_effective_sumsq``).
     """
 
-    def __init__(self, model: nn.Module, modules: list[str], k: int, block_prefix: str = "blocks",
+    def __init__(self, model: nn.Module, modules: list[str], block_prefix: str = "blocks",
                  local_part: Callable[[torch.Tensor], torch.Tensor] = lambda w: w):
         """``local_part``: the part of a weight this process holds (its
         partition where an engine partitions weights over ranks; the
@@ -254,7 +262,7 @@ class NormTracker(WindowHistory):
             blocks = model.get_submodule(block_prefix)
         except AttributeError:
             raise ValueError(f"model has no {block_prefix!r} (the transformer blocks)") from None
-        super().__init__(modules, len(blocks), k, block_prefix)
+        super().__init__(modules, len(blocks), block_prefix)
         self._model = model
         self._weights(model)  # fail now, not at the first window end
 

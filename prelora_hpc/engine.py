@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .config import Config, ConfigError
-from .launch import DistInfo
+from .dist_init import DistInfo
 from .lora import LoRALinear, lora_modules
 
 #: Parameters that take no weight decay: biases, norms and the token/position

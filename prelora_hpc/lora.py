@@ -269,11 +269,6 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
             for p in (m.lora_A.weight, m.lora_B.weight)]
 
 
-def rank_map_of(model: nn.Module) -> dict[str, int]:
-    """The ranks actually injected, by dotted module name."""
-    return {n: m.r for n, m in lora_modules(model).items()}
-
-
 def _kept_parameters(model: nn.Module, keep: Iterable[str]) -> list[nn.Parameter]:
     """Parameters that ``keep`` selects, by module type and exact name."""
     if isinstance(keep, str):
@@ -323,11 +318,6 @@ def unfreeze_all(model: nn.Module) -> None:
     """Stage 2: every parameter, base and adapter, trains."""
     for p in model.parameters():
         p.requires_grad_(True)
-
-
-def trainable_parameter_names(model: nn.Module) -> list[str]:
-    """Dotted names of the parameters with requires_grad, in model order."""
-    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 @torch.no_grad()

@@ -16,9 +16,9 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from .records import Record, json_safe, read_records
+from .records import Record, json_safe
 
 
 class MetricsWriter:
@@ -43,12 +43,6 @@ class MetricsWriter:
                 SummaryWriter = None
             if SummaryWriter is not None:
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-
-    def write(self, kind: str, **fields) -> None:
-        """One JSON line ``{"kind": kind, "time": unix_s, **fields}``."""
-        if not self.enabled:
-            return
-        self._line({"kind": kind, "time": round(time.time(), 3), **fields})
 
     def record(self, rec: Record) -> None:
         """One JSON line of ``rec`` (``records`` defines the layout), its
@@ -90,12 +84,6 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-
-
-def read_metrics(run_dir: Path, kind: Optional[str] = None) -> list[dict]:
-    """All records of ``metrics.jsonl`` (optionally one kind), in order, as
-    JSON objects (``records.read_records`` gives them typed)."""
-    return [rec.to_json() for rec in read_records(run_dir, kind)]
 
 
 class Log:

@@ -6,7 +6,6 @@ size so that the same preset scales from a CPU toy to ViT-L/16.
 
 from __future__ import annotations
 
-import hashlib
 
 import timm
 import torch.nn as nn
@@ -42,13 +41,3 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of scalar parameters (all, or only those with requires_grad)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def parameter_digest(model: nn.Module) -> str:
-    """SHA-256 (hex) over every parameter's name and bytes, in name order:
-    equal on two ranks exactly when their replicas agree bit for bit."""
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().numpy().tobytes())
-    return digest.hexdigest()

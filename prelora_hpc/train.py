@@ -35,7 +35,7 @@ from .data import build_dataloaders, prepare_data
 from .engine import (accumulation_steps, build_engine, current_lr, destroy_engine, extract_state,
                      global_batch, local_part, lr_at, restore_state, resolve_precision)
 from .evaluate import evaluate
-from .launch import DistInfo, StopSignal
+from .dist_init import DistInfo, StopSignal
 from .lora import lora_modules
 from .memory import peak_memory_bytes, reset_peak_memory
 from .model import build_model, count_parameters
@@ -174,7 +174,7 @@ def build_switch(cfg: Config, model: nn.Module, dist: DistInfo
     """What the switch reads and decides with: the norm tracker of the
     configured modules, the policy, and (unless ZeRO-3 partitions whole
     weights over ranks) the update statistics this rank measures."""
-    tracker = NormTracker(model, cfg.lora.target_modules, cfg.prelora.k, local_part=local_part)
+    tracker = NormTracker(model, cfg.lora.target_modules, local_part=local_part)
     params = SwitchParams.from_config(cfg)
     policy = SwitchPolicy(params, tracker.module_names, tracker.num_layers)
     track = params.needs_updates or (cfg.prelora.track_updates and cfg.deepspeed.zero_stage < 3)

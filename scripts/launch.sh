@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start a program on every rank of the allocation this runs in: the job
 # templates' launch step. The launch logic is prelora-launch's
-# (prelora_hpc/launcher.py); this wrapper only finds it.
+# (prelora_hpc/launch_plan.py); this wrapper only finds it.
 #
 # Usage:
 #   scripts/launch.sh [options] [--] CONFIG [prelora-train args...]
@@ -28,7 +28,7 @@ if launcher=$(command -v prelora-launch); then
     exec "$launcher" "$@"
 fi
 if train=$(command -v prelora-train) && [ -x "$(dirname "$train")/python" ]; then
-    exec "$(dirname "$train")/python" -m prelora_hpc.launcher "$@"
+    exec "$(dirname "$train")/python" -m prelora_hpc.launch_plan "$@"
 fi
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} exec python3 -m prelora_hpc.launcher "$@"
+PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} exec python3 -m prelora_hpc.launch_plan "$@"

@@ -42,7 +42,7 @@
 #   PBS_JOBID / SLURM_JOB_ID  which scheduler to use; the next job waits for
 #                          this one to end (afterany dependency)
 #
-# The decisions after the exit status are prelora_hpc.launcher.chain_main's.
+# The decisions after the exit status are prelora_hpc.launch_plan.chain_main's.
 #
 # Exit status: 0 when the decision was made (resubmitted or not), 1 when the
 # submission failed or the new job is not in the queue, 2 for bad usage.
@@ -51,7 +51,7 @@ set -euo pipefail
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
 die() { echo "resubmit.sh: $*" >&2; exit 2; }
 say() { echo "resubmit.sh: $*"; }
-# prelora_hpc.launcher.chain_main with the python beside prelora-train, else
+# prelora_hpc.launch_plan.chain_main with the python beside prelora-train, else
 # python3 and this checkout (it needs no third-party package).
 chain() {
     local root py
@@ -62,7 +62,7 @@ chain() {
         py=python3
     fi
     PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} "$py" -c \
-        'import sys; from prelora_hpc.launcher import chain_main; sys.exit(chain_main())' "$@"
+        'import sys; from prelora_hpc.launch_plan import chain_main; sys.exit(chain_main())' "$@"
 }
 
 EXIT_RESUBMIT=85 EXIT_CHECKPOINT_WRITE=74 EXIT_LOCKED=75 EXIT_INTERRUPTED=130

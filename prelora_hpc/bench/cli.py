@@ -7,8 +7,8 @@ config key or rank map; every rank sees the same one), 1 any other error
 
 from __future__ import annotations
 
-# mpi4py before torch (launch.py explains why).
-from .. import launch
+# mpi4py before torch (dist_init.py explains why).
+from .. import dist_init
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -176,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    checks=not args.no_checks, floor=not args.no_floor, peer=args.peer,
                    interleave=not args.no_interleave)
 
-    dist = launch.init_distributed(cfg.run.collective_timeout_s)
+    dist = dist_init.init_distributed(cfg.run.collective_timeout_s)
     try:
         result = run(cfg, dist, rank_map, source, opts, args.bandwidth_gbps, args.latency_us,
                      preset=name)
@@ -185,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # rank hits the same error, so a plain exit is enough.
         if dist.is_main:
             print(f"prelora-bench: {e}", file=sys.stderr)
-        launch.finish()
+        dist_init.finish()
         return 2
     except Exception as e:  # noqa: BLE001 - any other error must end all ranks
         _abort(e)
@@ -195,7 +195,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             _write(result, args, stages)
         except Exception as e:  # noqa: BLE001 - rank 0 alone: the others wait in finish()
             _abort(e)
-    launch.finish()
+    dist_init.finish()
     return 0
 
 
@@ -203,7 +203,7 @@ def _abort(e: BaseException) -> None:
     """One line saying what and where, then every rank ends with exit 1
     (MPI_Abort: the error may be this rank's alone, and no peer may wait
     forever for it)."""
-    launch.abort(f"prelora-bench: {type(e).__name__}: {e} (at {_where(e)})", 1)
+    dist_init.abort(f"prelora-bench: {type(e).__name__}: {e} (at {_where(e)})", 1)
 
 
 def _write(result: dict, args: argparse.Namespace, stages: list[int]) -> None:

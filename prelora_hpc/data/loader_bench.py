@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-# mpi4py before torch (launch.py explains why): the step runs on an engine.
-from .. import launch
+# mpi4py before torch (dist_init.py explains why): the step runs on an engine.
+from .. import dist_init
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -198,7 +198,7 @@ def step_rate(model_name: str, num_classes: int, img_size: int, batch_size: int,
                              f"deepspeed.micro_batch_size={batch_size}",
                              "deepspeed.grad_accum_steps=1", "data.source=synthetic"])
     owned = not torch.distributed.is_initialized()
-    dist = launch.init_distributed(cfg.run.collective_timeout_s)
+    dist = dist_init.init_distributed(cfg.run.collective_timeout_s)
     engine = build_engine(build_model(cfg.model).to(dist.device), cfg, dist)
     try:
         step = TrainStep(engine, dist.device, resolve_precision(cfg, dist.device),
@@ -222,7 +222,7 @@ def step_rate(model_name: str, num_classes: int, img_size: int, batch_size: int,
     finally:
         destroy_engine(engine)
         if owned:
-            launch.finish()
+            dist_init.finish()
     return rate, dist.device
 
 

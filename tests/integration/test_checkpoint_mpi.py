@@ -13,7 +13,7 @@ import pytest
 from mpi_util import ROOT, env, mpiexec, run_mpi, script_cmd, train_cmd
 from prelora_hpc import checkpoint as ckpt
 from prelora_hpc.config import ConfigError, load_config
-from prelora_hpc.metrics import read_metrics
+from run_helpers import read_metrics
 
 pytestmark = pytest.mark.mpi
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from mpi_util import ROOT, env, mpiexec
 from prelora_hpc import compare
-from prelora_hpc.metrics import read_metrics
+from run_helpers import read_metrics
 
 # A few steps each; small windows and loose thresholds so that prelora
 # passes through all three stages within them.

@@ -16,9 +16,9 @@ import pytest
 from mpi_util import ROOT, env, mpiexec, run_mpi, script_cmd, train_cmd
 from prelora_hpc import checkpoint as ckpt
 from prelora_hpc.config import load_config
-from prelora_hpc.launch import (EXIT_CHECKPOINT_WRITE, EXIT_INTERRUPTED, EXIT_LOCKED,
+from prelora_hpc.dist_init import (EXIT_CHECKPOINT_WRITE, EXIT_INTERRUPTED, EXIT_LOCKED,
                                 EXIT_RESUBMIT)
-from prelora_hpc.metrics import read_metrics
+from run_helpers import read_metrics
 from prelora_hpc.runlock import LOCK_NAME
 
 pytestmark = pytest.mark.mpi

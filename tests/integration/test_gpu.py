@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mpi_util import run_mpi, script_cmd, train_cmd
-from prelora_hpc.metrics import read_metrics
+from run_helpers import read_metrics
 
 pytestmark = [pytest.mark.gpu, pytest.mark.mpi,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

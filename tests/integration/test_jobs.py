@@ -1,6 +1,6 @@
 """Job templates and launch scripts: scripts/launch.sh reaching prelora-launch
 under faked PBS and Slurm environments (the launch decisions case by case are
-tests/unit/test_launcher.py), exit statuses and the walltime stop through it,
+tests/unit/test_launch_plan.py), exit statuses and the walltime stop through it,
 per-rank GPU affinity, the resubmission decision, signal handling of both
 templates end to end (with fake schedulers and a fake trainer), and one real
 2-rank training run through scripts/launch.sh.
@@ -239,7 +239,7 @@ def test_reference_config_keeps_its_global_batch_on_any_node_count():
 
 # --------------------------------------------------------------------------- #
 # scripts/launch.sh --dry-run: the wrapper reaches prelora-launch, whose
-# decisions tests/unit/test_launcher.py checks case by case; here they run
+# decisions tests/unit/test_launch_plan.py checks case by case; here they run
 # against real (fake) commands: nvidia-smi, mpiexec --version, getent, scontrol.
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from mpi_util import run_mpi, train_cmd
 from prelora_hpc import checkpoint as ckpt
-from prelora_hpc.metrics import read_metrics
+from run_helpers import read_metrics
 
 pytestmark = pytest.mark.mpi
 

@@ -20,7 +20,7 @@ import torch
 from mpi_util import ROOT, env, mpiexec, run_mpi, script_cmd, train_cmd
 from prelora_hpc import checkpoint as ckpt
 from prelora_hpc.config import load_config
-from prelora_hpc.metrics import read_metrics
+from run_helpers import read_metrics
 
 pytestmark = pytest.mark.mpi
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mpi_util import run_mpi, script_cmd, train_cmd
-from prelora_hpc.metrics import read_metrics
+from run_helpers import read_metrics
 from prelora_hpc.records import RECORD_TYPES, read_records
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]

@@ -8,7 +8,7 @@ import torch
 
 from mpi_util import run_mpi, script_cmd, train_cmd
 from prelora_hpc.config import load_config
-from prelora_hpc.metrics import read_metrics
+from run_helpers import read_metrics
 from prelora_hpc.model import build_model, count_parameters
 from prelora_hpc.stages import shape_for_stage
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from prelora_hpc.config import load_config
 from prelora_hpc.engine import base_optimizer, lr_at
-from prelora_hpc.launch import init_distributed
+from prelora_hpc.dist_init import init_distributed
 from prelora_hpc.lora import lora_modules
 from prelora_hpc.stages import Decision, Stage
 from prelora_hpc.train import Trainer

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from prelora_hpc.config import load_config
-from prelora_hpc.launch import init_distributed
+from prelora_hpc.dist_init import init_distributed
 from prelora_hpc.stages import WindowStats
 from prelora_hpc.train import Trainer, decide_on_rank0
 

@@ -16,7 +16,7 @@ import torch
 
 from prelora_hpc.config import load_config
 from prelora_hpc.engine import base_optimizer
-from prelora_hpc.launch import init_distributed
+from prelora_hpc.dist_init import init_distributed
 from prelora_hpc.train import Trainer
 
 

@@ -6,16 +6,19 @@ Writes OUT_DIR/probe_rank{r}.json.
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from prelora_hpc.config import load_config
 from prelora_hpc.engine import trainable_in_engine
-from prelora_hpc.launch import init_distributed
+from prelora_hpc.dist_init import init_distributed
 from prelora_hpc.lora import lora_modules
-from prelora_hpc.model import parameter_digest
 from prelora_hpc.stages import Stage
 from prelora_hpc.train import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: run_helpers
+from run_helpers import parameter_digest  # noqa: E402
 
 
 class ProbeTrainer(Trainer):

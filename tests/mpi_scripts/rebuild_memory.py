@@ -11,7 +11,7 @@ import sys
 import torch
 
 from prelora_hpc.config import load_config
-from prelora_hpc.launch import init_distributed
+from prelora_hpc.dist_init import init_distributed
 from prelora_hpc.stages import Stage
 from prelora_hpc.train import Trainer, rebuild_engine
 

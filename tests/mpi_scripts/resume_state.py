@@ -17,7 +17,7 @@ from deepspeed.utils import safe_get_full_optimizer_state
 
 from prelora_hpc.config import load_config
 from prelora_hpc.engine import base_optimizer, group_parameters
-from prelora_hpc.launch import finish, init_distributed
+from prelora_hpc.dist_init import finish, init_distributed
 from prelora_hpc.train import Trainer
 
 

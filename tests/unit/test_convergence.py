@@ -12,11 +12,13 @@ import torch.nn as nn
 
 from prelora_hpc.convergence import (
     NormTracker,
+    WindowHistory,
     assign_ranks,
     partial_convergence,
     percent_change,
     window_changes,
 )
+from prelora_hpc.engine import local_part
 
 MODULES = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
@@ -153,7 +155,7 @@ def test_assign_ranks_rejects_invalid_input(changes, r_min, r_max, message):
         assign_ranks(changes, r_min, r_max)
 
 
-# ---------------------------------------------------------------- NormTracker
+# ------------------------------------------------- NormTracker and WindowHistory
 
 @pytest.fixture
 def vit():
@@ -163,7 +165,7 @@ def vit():
 
 
 def test_local_sumsq_is_squared_frobenius_norm_of_each_layer(vit):
-    tracker = NormTracker(vit, MODULES, k=3)
+    tracker = NormTracker(vit, MODULES)
     assert tracker.module_names == MODULES and tracker.num_layers == 2
     assert not tracker.sharded
     sumsq = tracker.local_sumsq()
@@ -179,19 +181,20 @@ def test_local_sumsq_is_squared_frobenius_norm_of_each_layer(vit):
 
 
 def test_scaled_layer_shows_ten_percent_and_gets_r_max(vit):
-    tracker = NormTracker(vit, MODULES, k=3)
-    tracker.record(tracker.local_sumsq().sqrt(), loss=2.0)
+    tracker = NormTracker(vit, MODULES)
+    history = WindowHistory(MODULES, tracker.num_layers, k=3)
+    history.record(tracker.local_sumsq().sqrt(), loss=2.0)
     with torch.no_grad():
         vit.blocks[1].mlp.fc1.weight.mul_(1.1)  # Frobenius norm scales by 1.1: +10 %
-    tracker.record(tracker.local_sumsq().sqrt(), loss=1.9)
-    changes = tracker.layer_changes()
+    history.record(tracker.local_sumsq().sqrt(), loss=1.9)
+    changes = history.layer_changes()
     assert changes["mlp.fc1"][1] == pytest.approx(10.0, rel=1e-4)
     untouched = [c for m in MODULES for l, c in enumerate(changes[m]) if (m, l) != ("mlp.fc1", 1)]
     assert untouched == [0.0] * 7
     ranks = assign_ranks(changes, 4, 32)
     assert ranks["mlp.fc1"] == [4, 32]
     assert all(ranks[m] == [4, 4] for m in MODULES if m != "mlp.fc1")
-    flat = tracker.rank_map(ranks)
+    flat = history.rank_map(ranks)
     assert flat["blocks.1.mlp.fc1"] == 32 and flat["blocks.0.attn.qkv"] == 4
     assert len(flat) == 8
 
@@ -201,8 +204,8 @@ def _window(t):
     return np.array([[(t + 1) * (i + 1) * (l + 1) for l in range(2)] for i in range(4)], float)
 
 
-def test_history_keeps_last_k_layer_averaged_windows(vit):
-    tracker = NormTracker(vit, MODULES, k=3)
+def test_history_keeps_last_k_layer_averaged_windows():
+    tracker = WindowHistory(MODULES, 2, k=3)
     for t in range(5):
         assert tracker.ready == (t >= 3)
         tracker.record(_window(t), loss=float(t + 1))
@@ -218,8 +221,8 @@ def test_history_keeps_last_k_layer_averaged_windows(vit):
 
 
 def test_history_feeds_partial_convergence(vit):
-    tracker = NormTracker(vit, MODULES, k=2)
-    norms = tracker.local_sumsq().sqrt()
+    norms = NormTracker(vit, MODULES).local_sumsq().sqrt()
+    tracker = WindowHistory(MODULES, 2, k=2)
     tracker.record(norms, loss=2.0)
     tracker.record(norms, loss=2.0)
     assert partial_convergence(*tracker.history(), tau=0.0, zeta=0.0)
@@ -227,16 +230,16 @@ def test_history_feeds_partial_convergence(vit):
     assert not partial_convergence(*tracker.history(), tau=1.0, zeta=0.0)
 
 
-def test_state_dict_round_trips_through_json(vit):
-    tracker = NormTracker(vit, MODULES, k=3)
+def test_state_dict_round_trips_through_json():
+    tracker = WindowHistory(MODULES, 2, k=3)
     for t in range(4):
         tracker.record(_window(t) * 1.1, loss=1.0 / (t + 3))
-    restored = NormTracker(vit, MODULES, k=3)
+    restored = WindowHistory(MODULES, 2, k=3)
     restored.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
     assert restored.history() == tracker.history()
     assert restored.layer_changes() == tracker.layer_changes()
     assert restored.windows_seen == 4 and restored.ready
-    other = NormTracker(vit, ["attn.qkv"], k=3)
+    other = WindowHistory(["attn.qkv"], 2, k=3)
     with pytest.raises(ValueError, match="saved norm history"):
         other.load_state_dict(tracker.state_dict())
 
@@ -255,19 +258,19 @@ class _Wrapped(nn.Module):
 
 
 def test_wrapped_module_is_tracked_through_its_base_weight(vit):
-    tracker = NormTracker(vit, MODULES, k=3)
+    tracker = NormTracker(vit, MODULES)
     before = tracker.local_sumsq()
     vit.blocks[0].attn.qkv = _Wrapped(vit.blocks[0].attn.qkv)
     with torch.no_grad():
         vit.blocks[0].attn.qkv.lora_B.weight.fill_(5.0)  # adapters must not count
     after = tracker.local_sumsq()
     assert torch.equal(before, after)
-    fresh = NormTracker(vit, MODULES, k=3)
+    fresh = NormTracker(vit, MODULES)
     assert torch.equal(fresh.local_sumsq(), before)
 
 
 def test_zero3_partitions_sum_to_the_full_sumsq(vit):
-    tracker = NormTracker(vit, MODULES, k=3)
+    tracker = NormTracker(vit, MODULES, local_part=local_part)
     weight = vit.blocks[1].attn.proj.weight
     full = torch.linalg.norm(weight).item() ** 2
     flat = weight.detach().flatten()
@@ -283,14 +286,14 @@ def test_zero3_partitions_sum_to_the_full_sumsq(vit):
 
 def test_missing_module_is_named(vit):
     with pytest.raises(ValueError, match="'attn.nope'.*blocks.0.attn.nope"):
-        NormTracker(vit, ["attn.qkv", "attn.nope"], k=3)
+        NormTracker(vit, ["attn.qkv", "attn.nope"])
     del vit.blocks[1].mlp.fc2
     with pytest.raises(ValueError, match="blocks.1.mlp.fc2"):
-        NormTracker(vit, MODULES, k=3)
+        NormTracker(vit, MODULES)
 
 
-def test_record_rejects_bad_windows(vit):
-    tracker = NormTracker(vit, MODULES, k=3)
+def test_record_rejects_bad_windows():
+    tracker = WindowHistory(MODULES, 2, k=3)
     with pytest.raises(ValueError, match=r"expected shape \(4, 2\)"):
         tracker.record(np.ones((2, 4)), loss=1.0)
     bad = np.ones((4, 2))

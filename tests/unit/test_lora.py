@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from run_helpers import rank_map_of, trainable_parameter_names
 from prelora_hpc.lora import (
     LoRALinear,
     freeze_base,
@@ -15,8 +16,6 @@ from prelora_hpc.lora import (
     lora_modules,
     lora_parameters,
     merge_all,
-    rank_map_of,
-    trainable_parameter_names,
     unfreeze_all,
 )
 

@@ -119,12 +119,13 @@ def test_a_scaling_row_has_exactly_the_keys_and_is_checked():
 
 
 def test_the_writer_writes_records_in_todays_layout_and_stamps_the_time(tmp_path):
-    from prelora_hpc.metrics import MetricsWriter, read_metrics
+    from prelora_hpc.metrics import MetricsWriter
+    from run_helpers import read_metrics
 
     w = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
     stop = StopRecord(step=50, signal="SIGTERM")
     w.record(stop)
-    w.write("stop", step=51, signal="SIGTERM")
+    w.record(StopRecord(step=51, signal="SIGTERM"))
     w.record(ONE_OF_EACH[1])
     w.close()
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -199,7 +199,7 @@ def test_update_convergence_is_a_threshold_on_every_window_and_the_loss():
 
 def test_effective_sumsq_equals_dense_merged_weight(vit):
     rank_map = {f"blocks.{l}.{m}": 4 for l in range(2) for m in MODULES}
-    tracker = NormTracker(vit, MODULES, k=3)
+    tracker = NormTracker(vit, MODULES)
     base = tracker.local_sumsq()
     assert torch.equal(tracker.local_effective_sumsq(), base)  # no adapters: the base
     inject_lora(vit, rank_map, alpha=8.0)
@@ -214,7 +214,7 @@ def test_effective_sumsq_equals_dense_merged_weight(vit):
 
 
 def test_update_tracker_splits_layers_over_ranks_and_sums_to_the_whole(vit):
-    tracker = NormTracker(vit, MODULES, k=3)
+    tracker = NormTracker(vit, MODULES)
     per_rank = [UpdateTracker(tracker, r, 3, energy=0.9, r_min=2, r_max=8) for r in range(3)]
     owned = sorted(x for u in per_rank for x in u.owned)
     assert owned == sorted((i, l) for i in range(4) for l in range(2))
@@ -235,7 +235,7 @@ def test_update_tracker_splits_layers_over_ranks_and_sums_to_the_whole(vit):
 
 
 def test_update_tracker_state_round_trip_measures_the_same_next_window(vit):
-    tracker = NormTracker(vit, MODULES, k=3)
+    tracker = NormTracker(vit, MODULES)
     a = UpdateTracker(tracker, 0, 2, energy=0.9, r_min=2, r_max=8)
     a.local_stats()
     saved = a.state_dict()

@@ -3,7 +3,7 @@
 Takes prelora-train's arguments (--config, --output-dir, section.key=value),
 runs the real bootstrap and the real trainer, then writes
 OUTPUT_DIR/probe/rank{R}.json: where the rank ran (host, local rank and
-size), the rendezvous and link settings launch.py chose, the rank map it
+size), the rendezvous and link settings dist_init.py chose, the rank map it
 trained with, the LoRA ranks its own model carries and a digest of its
 weights. Exit status as prelora-train's on success (0).
 """
@@ -15,11 +15,13 @@ import socket
 import sys
 from pathlib import Path
 
-from prelora_hpc import launch  # mpi4py before torch
+from prelora_hpc import dist_init  # mpi4py before torch
 from prelora_hpc.config import load_config
 from prelora_hpc.lora import lora_modules
-from prelora_hpc.model import parameter_digest
 from prelora_hpc.train import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: run_helpers
+from run_helpers import parameter_digest  # noqa: E402
 
 
 def main() -> int:
@@ -29,7 +31,7 @@ def main() -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     cfg = load_config(args.config, [*args.overrides, f"run.output_dir={args.output_dir}"])
-    dist = launch.init_distributed(cfg.run.collective_timeout_s)
+    dist = dist_init.init_distributed(cfg.run.collective_timeout_s)
     trainer = Trainer(cfg, dist)
     try:
         code = trainer.train()
@@ -53,7 +55,7 @@ def main() -> int:
     out = Path(args.output_dir) / "probe"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{dist.rank}.json").write_text(json.dumps(record, indent=1))
-    launch.finish()
+    dist_init.finish()
     return code
 
 

@@ -146,7 +146,7 @@ THREE_STAGES = [*QUICK, "run.max_steps=8", "checkpoint.every_steps=1", "checkpoi
 
 
 def step_losses(run_dir):
-    from prelora_hpc.metrics import read_metrics
+    from run_helpers import read_metrics
 
     out = {}
     for rec in read_metrics(run_dir, "step"):
@@ -333,7 +333,7 @@ def test_link_down_ends_the_job_within_the_collective_timeout(emu_cluster, tmp_p
         down = True
         out, _ = job.communicate(timeout=timeout_s + MARGIN_S + 120)
         ended = time.monotonic() - t0
-        # The cut-off node's ranks end too (within launch.py's abort grace).
+        # The cut-off node's ranks end too (within dist_init.py's abort grace).
         _wait_for(lambda: not subprocess.run(
             ["ip", "netns", "pids", c.hosts[1]], capture_output=True, text=True).stdout.strip(),
             30, f"the processes on {c.hosts[1]} to end")

@@ -4,7 +4,7 @@ for any program (``prelora-train``, ``prelora-bench``, ``prelora-convert``...).
     prelora-launch [options] [--] PROGRAM [ARGS...]
     prelora-launch [options] [--] CONFIG.yaml [prelora-train args...]
 
-This is launch code: with ``launch.py`` the only module that reads scheduler
+This is launch code: with ``dist_init.py`` the only module that reads scheduler
 and MPI environment variables. It runs before any rank exists, so it imports
 neither mpi4py nor torch. The decisions are pure functions of an environment
 dict and a :class:`Probes` (the commands and look-ups they need), testable
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-#: The address rank 0 offers for the rendezvous; read by launch.py.
+#: The address rank 0 offers for the rendezvous; read by dist_init.py.
 MASTER_ADDR_VAR = "PRELORA_MASTER_ADDR"
 #: Polaris' high-speed-network name suffix (the management interface is much
 #: slower): PBS' default for PRELORA_HSN_SUFFIX.

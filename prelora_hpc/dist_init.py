@@ -35,7 +35,7 @@ from mpi4py import MPI  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .launcher import MASTER_ADDR_VAR  # noqa: E402
+from .launch_plan import MASTER_ADDR_VAR  # noqa: E402
 
 #: Exit code of a run stopped by a walltime signal after checkpointing; job
 #: scripts resubmit on it.

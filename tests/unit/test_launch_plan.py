@@ -1,4 +1,4 @@
-"""prelora-launch's decisions (prelora_hpc/launcher.py) from environment
+"""prelora-launch's decisions (prelora_hpc/launch_plan.py) from environment
 dicts and faked probes: the launch line, the ranks' environment, the layout
 line, warnings and usage errors under PBS (Cray PALS, MPICH Hydra, Open
 MPI), Slurm and a workstation; the stop timer; exit statuses.
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from prelora_hpc import launcher
-from prelora_hpc.launcher import Options, UsageError
+from prelora_hpc import launch_plan
+from prelora_hpc.launch_plan import Options, UsageError
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "vit_large_imagenet1k.yaml")
@@ -47,7 +47,7 @@ VERSIONS = {"pals": "", "hydra": "HYDRA build details:\n    Version: 5.0.2",
             "openmpi": "mpiexec (Open MPI) 5.0.5", "unknown": "mpiexec 1.0"}
 
 
-class FakeProbes(launcher.Probes):
+class FakeProbes(launch_plan.Probes):
     """A node with ``gpus`` GPUs, an mpiexec of ``mpi`` (Cray PALS' lives
     under /opt/cray/pals/, as on Polaris), the commands ``commands`` on PATH
     and the host names ``resolvable``; ``answers`` maps a command's name to
@@ -100,7 +100,7 @@ def nodefile(tmp_path, hosts=HOSTS, slots=4) -> str:
 
 
 def plan(env, probes, opts=None, program=PROGRAM):
-    return launcher.plan(opts or Options(dry_run=True), program, env, probes)
+    return launch_plan.plan(opts or Options(dry_run=True), program, env, probes)
 
 
 def follows(argv, *seq):
@@ -149,7 +149,7 @@ def pals_binding(argv, local_rank):
     depth = next((int(w.split("=")[1]) for w in words if w.startswith("--depth=")), 1)
     if bind.startswith("list:"):
         lists = bind[len("list:"):].split(":")
-        return launcher.cpu_set(lists[local_rank % len(lists)])
+        return launch_plan.cpu_set(lists[local_rank % len(lists)])
     if bind in ("depth", "core"):
         return set(range(local_rank * depth, (local_rank + 1) * depth))
     assert bind == "none", f"binding {bind} is not modelled here"
@@ -173,7 +173,7 @@ def misplaced_ranks(argv, tmp_path):
     """Local ranks whose CPUs are not all in the NUMA domain of their GPU
     (ALCF's table), for a 4-rank-per-node line."""
     return [r for r in range(4) if not pals_binding(argv, r)
-            <= launcher.cpu_set(POLARIS_GPU_CPUS[gpu_of(r, tmp_path)])]
+            <= launch_plan.cpu_set(POLARIS_GPU_CPUS[gpu_of(r, tmp_path)])]
 
 
 def test_polaris_ranks_sit_next_to_their_gpu(tmp_path):
@@ -193,18 +193,18 @@ def test_polaris_ranks_sit_next_to_their_gpu(tmp_path):
     p = plan(env, polaris(), Options(dry_run=True, depth=16))
     assert misplaced_ranks(p.argv, tmp_path) == [0, 1, 2, 3]
     assert [r for r in range(4) if not pals_binding(p.argv, r)
-            & launcher.cpu_set(POLARIS_GPU_CPUS[gpu_of(r, tmp_path)])] == [1, 2]
+            & launch_plan.cpu_set(POLARIS_GPU_CPUS[gpu_of(r, tmp_path)])] == [1, 2]
     assert any("local rank(s) 0, 1, 2, 3 CPUs in two NUMA domains" in w for w in p.warnings)
 
 
 def test_polaris_dry_run_output(tmp_path, monkeypatch, capsys):
     """What `prelora-launch --dry-run` prints inside a Polaris PBS job."""
-    monkeypatch.setattr(launcher, "Probes", lambda: polaris())
+    monkeypatch.setattr(launch_plan, "Probes", lambda: polaris())
     for k in list(os.environ):
         if k.startswith(("PBS_", "PRELORA_", "NCCL_", "LD_LIBRARY_PATH")):
             monkeypatch.delenv(k)
     monkeypatch.setenv("PBS_NODEFILE", nodefile(tmp_path))
-    assert launcher.main(["--dry-run", "--", CONFIG, "--output-dir", "runs/x"]) == 0
+    assert launch_plan.main(["--dry-run", "--", CONFIG, "--output-dir", "runs/x"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == (f"# scheduler=pbs nodes=2 ranks_per_node=4 ranks=8 gpus_per_node=4 mpi=pals "
                       f"binding=numa:16 nccl_env=on ofi_nccl={PLUGIN} master_addr={HOSTS[0]} "
@@ -338,7 +338,7 @@ def test_pbs_unknown_mpi_falls_back_to_pals_and_says_so(tmp_path):
 def test_mpi_flavour_from_the_version_text(version, flavour):
     probes = FakeProbes(mpi="unknown")
     probes.output = lambda argv: version
-    assert launcher.mpi_flavour("/usr/bin/mpiexec", {}, probes) == flavour
+    assert launch_plan.mpi_flavour("/usr/bin/mpiexec", {}, probes) == flavour
 
 
 def test_pbs_warns_when_depth_does_not_exceed_workers(tmp_path):
@@ -399,14 +399,14 @@ def test_pbs_without_the_plugin_leaves_nccl_net_unset(tmp_path, monkeypatch, cap
                            "LD_LIBRARY_PATH: NCCL_NET and the other NCCL_* network settings are "
                            "left unset")
     # A real launch prints that line before mpiexec runs.
-    monkeypatch.setattr(launcher, "Probes", lambda: polaris(files=()))
+    monkeypatch.setattr(launch_plan, "Probes", lambda: polaris(files=()))
     for k in list(os.environ):
         if k.startswith(("PBS_", "PRELORA_", "NCCL_")):
             monkeypatch.delenv(k)
     monkeypatch.setenv("PBS_NODEFILE", nf)
     monkeypatch.setenv("NCCL_NET", "AWS Libfabric")
     monkeypatch.setenv("PRELORA_MPIEXEC", str(ROOT / "tests" / "no-such-mpiexec"))
-    code = launcher.main(["--stop-before", "0", "--", "prelora-bench"])
+    code = launch_plan.main(["--stop-before", "0", "--", "prelora-bench"])
     err = capfd.readouterr().err
     assert code == 127                       # the (missing) mpiexec: nothing ran
     assert f"prelora-launch: warning: {line}\n" in err
@@ -444,7 +444,7 @@ def test_pbs_stop_timer_from_qstat(tmp_path):
 @pytest.mark.parametrize("text, seconds", [("01:00:00", 3600), ("05:30", 330), ("42", 42),
                                            ("1-02:00:00", 93600), ("UNLIMITED", None), ("", None)])
 def test_parse_duration(text, seconds):
-    assert launcher.parse_duration(text) == seconds
+    assert launch_plan.parse_duration(text) == seconds
 
 
 # --------------------------------------------------------------------------- #
@@ -537,16 +537,16 @@ def test_prefers_the_mpiexec_beside_the_program(tmp_path):
 
 
 def test_parse_args():
-    opts, program = launcher.parse_args(["--np=4", "--ppn", "2", "--dry-run", "--", "prelora-bench",
+    opts, program = launch_plan.parse_args(["--np=4", "--ppn", "2", "--dry-run", "--", "prelora-bench",
                                          "--np", "9"])
     assert (opts.np, opts.ppn, opts.dry_run) == (4, 2, True)
     assert program == ["prelora-bench", "--np", "9"]
     # A config in the program's place means prelora-train, with or without "--".
     for argv in (["--", "c.yaml", "x=1"], ["c.yaml", "x=1"]):
-        assert launcher.parse_args(argv)[1] == ["prelora-train", "--config", "c.yaml", "x=1"]
-    assert launcher.parse_args(["--stop-before", "0", "--no-nccl-env", "true"])[0].nccl_env is False
-    assert launcher.config_of(["/x/prelora", "train", "--config=a.yaml"]) == "a.yaml"
-    assert launcher.config_of(["prelora-bench", "--config", "a.yaml"]) is None
+        assert launch_plan.parse_args(argv)[1] == ["prelora-train", "--config", "c.yaml", "x=1"]
+    assert launch_plan.parse_args(["--stop-before", "0", "--no-nccl-env", "true"])[0].nccl_env is False
+    assert launch_plan.config_of(["/x/prelora", "train", "--config=a.yaml"]) == "a.yaml"
+    assert launch_plan.config_of(["prelora-bench", "--config", "a.yaml"]) is None
 
 
 @pytest.mark.parametrize("args, message", [
@@ -559,7 +559,7 @@ def test_parse_args():
 ])
 def test_usage_errors_in_the_options(args, message):
     with pytest.raises(UsageError) as e:
-        launcher.parse_args(args)
+        launch_plan.parse_args(args)
     assert str(e.value).startswith(message)
 
 
@@ -585,13 +585,13 @@ def test_usage_errors_of_the_launch(tmp_path):
 
 
 def test_main_usage_error_is_one_line_and_exit_2(capsys):
-    assert launcher.main(["--ppn", "x", "--", "true"]) == 2
+    assert launch_plan.main(["--ppn", "x", "--", "true"]) == 2
     err = capsys.readouterr().err
     assert err == "prelora-launch: --ppn must be a whole number, got 'x'\n"
 
 
 def test_main_help(capsys):
-    assert launcher.main(["--help"]) == 0
+    assert launch_plan.main(["--help"]) == 0
     out = capsys.readouterr().out
     for option in ("--dry-run", "--print", "--layout", "--no-nccl-env", "--stop-before", "--local"):
         assert option in out
@@ -606,15 +606,15 @@ def workstation(monkeypatch):
 
 
 def test_main_prints_the_line(workstation, capsys):
-    true = launcher.find_program("true", dict(os.environ), launcher.Probes())
-    assert launcher.main(["--print", "--np", "3", "--", "true", "a b"]) == 0
+    true = launch_plan.find_program("true", dict(os.environ), launch_plan.Probes())
+    assert launch_plan.main(["--print", "--np", "3", "--", "true", "a b"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == [shlex.join(["/opt/mpi/bin/mpiexec", "-n", "3", true, "a b"])]
-    assert launcher.main(["--dry-run", "--", "true"]) == 0
+    assert launch_plan.main(["--dry-run", "--", "true"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("# scheduler=local nodes=1 ranks_per_node=2 ranks=2 ")
     assert shlex.split(out[-1]) == ["/opt/mpi/bin/mpiexec", "-n", "2", true]
-    assert launcher.main(["--layout", "--np", "4"]) == 0
+    assert launch_plan.main(["--layout", "--np", "4"]) == 0
     assert capsys.readouterr().out.startswith("scheduler=local nodes=1 ranks_per_node=4 ranks=4 ")
 
 
@@ -624,7 +624,7 @@ def test_main_dry_run_lists_the_ranks_environment(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("PRELORA_HSN_SUFFIX", "")
     monkeypatch.setenv("PRELORA_TMPDIR", "/scratch dir")
     monkeypatch.delenv("PRELORA_MASTER_ADDR", raising=False)
-    assert launcher.main(["--dry-run", "--", "true"]) == 0
+    assert launch_plan.main(["--dry-run", "--", "true"]) == 0
     out = capsys.readouterr().out.splitlines()
     env_line = next(line for line in out if line.startswith("# env: "))
     assert shlex.split(env_line[len("# env: "):]) == [f"PRELORA_MASTER_ADDR={HOSTS[0]}",
@@ -636,27 +636,27 @@ def test_main_dry_run_lists_the_ranks_environment(tmp_path, monkeypatch, capsys)
 
 
 def _plan(argv, stop_in, stop_before=1):
-    return launcher.Plan(argv, launcher.LaunchEnv(), "", [], stop_in, stop_before)
+    return launch_plan.Plan(argv, launch_plan.LaunchEnv(), "", [], stop_in, stop_before)
 
 
 @pytest.mark.parametrize("code", [0, 3, 85])
 def test_run_passes_the_exit_status_through(code):
     p = _plan([sys.executable, "-c", f"raise SystemExit({code})"], stop_in=60)
-    assert launcher.run(p, dict(os.environ)) == code
+    assert launch_plan.run(p, dict(os.environ)) == code
 
 
 def test_run_stops_the_program_before_the_walltime(capfd):
     """The stop timer sends SIGTERM; the program's 85 (checkpointed) comes out."""
     prog = "trap 'kill $!; exit 85' TERM; sleep 30 & wait; exit 1"
     t0 = time.monotonic()
-    assert launcher.run(_plan(["sh", "-c", prog], stop_in=1, stop_before=4),
+    assert launch_plan.run(_plan(["sh", "-c", prog], stop_in=1, stop_before=4),
                         dict(os.environ)) == 85
     assert time.monotonic() - t0 < 20
     assert "walltime ends in 4s: asking the trainer to checkpoint and stop" in capfd.readouterr().err
 
 
 def test_exit_status_of_a_signalled_program():
-    assert launcher.run(_plan([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"],
+    assert launch_plan.run(_plan([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"],
                               stop_in=60), dict(os.environ)) == 128 + signal.SIGKILL
 
 
@@ -687,9 +687,9 @@ QSTAT_F = """Job Id: 77.polaris-pbs-01
 
 
 def test_parse_qstat_full():
-    info = launcher.parse_qstat_full(QSTAT_F)
+    info = launch_plan.parse_qstat_full(QSTAT_F)
     assert info["Resource_List.select"] == "10:system=polaris" and info["queue"] == "small"
-    assert launcher.parse_variable_list(info["Variable_List"]) == {
+    assert launch_plan.parse_variable_list(info["Variable_List"]) == {
         "PBS_O_HOME": "/home/u", "PBS_O_QUEUE": "prod",
         "PBS_O_WORKDIR": "/lus/eagle/projects/MyProject/prelora_hpc",
         "PRELORA_RUN_DIR": "/lus/eagle/projects/MyProject/runs/a", "PRELORA_NOTE": "a,b",
@@ -703,7 +703,7 @@ def test_pbs_successor_repeats_every_option():
     PRELORA_SUBMIT_ARGS last, so it wins."""
     env = {"PBS_JOBID": "77.polaris-pbs-01", "PRELORA_RUN_DIR": "/lus/eagle/projects/MyProject/runs/a",
            "PRELORA_CONFIG": "configs/x.yaml", "PRELORA_SUBMIT_ARGS": "-l walltime=02:00:00"}
-    argv, notes = launcher.pbs_resubmission(env, launcher.parse_qstat_full(QSTAT_F),
+    argv, notes = launch_plan.pbs_resubmission(env, launch_plan.parse_qstat_full(QSTAT_F),
                                             "jobs/polaris.pbs", ["PRELORA_RUN_DIR", "PRELORA_CONFIG",
                                                                  "PRELORA_UNSET"], 4)
     assert notes == []
@@ -723,7 +723,7 @@ def test_pbs_successor_repeats_every_option():
                                 "PRELORA_CONFIG=configs/x.yaml",
                                 "PRELORA_SUBMIT_ARGS=-l walltime=02:00:00"}
     # Without qstat's answer: the queue and account from the environment, and a note.
-    argv, notes = launcher.pbs_resubmission({**env, "PBS_O_QUEUE": "prod", "PBS_ACCOUNT": "P"}, {},
+    argv, notes = launch_plan.pbs_resubmission({**env, "PBS_O_QUEUE": "prod", "PBS_ACCOUNT": "P"}, {},
                                             "jobs/polaris.pbs", [], 0)
     assert follows(argv, "-A", "P") and follows(argv, "-q", "prod") and "select" not in " ".join(argv)
     assert notes and "#PBS lines" in notes[0]
@@ -731,10 +731,10 @@ def test_pbs_successor_repeats_every_option():
 
 def test_debug_scaling_cannot_chain():
     for queue in ("debug", "prod", "small"):
-        assert launcher.chain_break({"PBS_QUEUE": queue}, {}) is None
-    why = launcher.chain_break({"PBS_QUEUE": "debug-scaling"}, {})
+        assert launch_plan.chain_break({"PBS_QUEUE": queue}, {}) is None
+    why = launch_plan.chain_break({"PBS_QUEUE": "debug-scaling"}, {})
     assert why.startswith("queue debug-scaling holds one job per user") and "prod" in why
-    assert launcher.chain_break({}, {"queue": "debug-scaling"}) == why
+    assert launch_plan.chain_break({}, {"queue": "debug-scaling"}) == why
 
 
 def chain_probes(qsub=(0, "78.polaris-pbs-01\n"), known=True, queue="small"):
@@ -761,7 +761,7 @@ SUBMIT = ["submit", "--vars", "PRELORA_RUN_DIR", "--left", "2", "jobs/polaris.pb
 
 def test_chain_submits_and_confirms(capsys):
     probes, calls = chain_probes()
-    assert launcher.chain_main(SUBMIT, dict(ENV), probes) == 0
+    assert launch_plan.chain_main(SUBMIT, dict(ENV), probes) == 0
     out = capsys.readouterr().out
     assert calls[0][0] == "qsub" and follows(calls[0], "-q", "prod")
     assert calls[1] == [f"{BIN}/qstat", "78.polaris-pbs-01"]
@@ -773,13 +773,13 @@ def test_chain_reports_a_successor_that_vanished(capsys):
     """qsub returned 0 but qstat does not know the job (a prod job that fits
     no execution queue): an error, exit 1."""
     probes, _ = chain_probes(known=False)
-    assert launcher.chain_main(SUBMIT, dict(ENV), probes) == 1
+    assert launch_plan.chain_main(SUBMIT, dict(ENV), probes) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
         "resubmit.sh: error: qsub answered '78.polaris-pbs-01' but qstat does not show job "
         "78.polaris-pbs-01: the successor is not queued and the chain ends here")
     probes, _ = chain_probes(qsub=(38, "qsub: Job violates queue and/or server resource limits"))
-    assert launcher.chain_main(SUBMIT, dict(ENV), probes) == 1
+    assert launch_plan.chain_main(SUBMIT, dict(ENV), probes) == 1
     assert "submission failed (exit 38): qsub: Job violates" in capsys.readouterr().err
 
 
@@ -788,13 +788,13 @@ def test_chain_in_debug_scaling(capsys):
     it does not try."""
     probes, calls = chain_probes(queue="debug-scaling")
     env = {**ENV, "PBS_QUEUE": "debug-scaling"}
-    assert launcher.chain_main(["check"], env, probes) == 0
+    assert launch_plan.chain_main(["check"], env, probes) == 0
     assert capsys.readouterr().out.startswith(
         "resubmit.sh: queue debug-scaling holds one job per user, running or queued: this job "
         "cannot queue its successor, so the chain ends with it")
-    assert launcher.chain_main(SUBMIT, env, probes) == 0
+    assert launch_plan.chain_main(SUBMIT, env, probes) == 0
     assert calls == [] and "no resubmission: queue debug-scaling" in capsys.readouterr().out
     # Nothing to say where the job may chain, or may not resubmit at all.
-    assert launcher.chain_main(["check"], {**ENV, "PBS_QUEUE": "prod"}, chain_probes()[0]) == 0
-    assert launcher.chain_main(["check"], {**env, "PRELORA_MAX_RESUBMITS": "0"}, probes) == 0
+    assert launch_plan.chain_main(["check"], {**ENV, "PBS_QUEUE": "prod"}, chain_probes()[0]) == 0
+    assert launch_plan.chain_main(["check"], {**env, "PRELORA_MAX_RESUBMITS": "0"}, probes) == 0
     assert capsys.readouterr().out == ""
