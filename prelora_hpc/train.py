@@ -32,10 +32,10 @@ from .checkpoint_policy import CheckpointManager
 from .config import Config, ConfigError, dump_config
 from .convergence import NormTracker, UpdateTracker
 from .data import build_dataloaders, prepare_data
+from .dist_init import DistInfo, StopSignal
 from .engine import (accumulation_steps, build_engine, current_lr, destroy_engine, extract_state,
                      global_batch, local_part, lr_at, restore_state, resolve_precision)
 from .evaluate import evaluate
-from .dist_init import DistInfo, StopSignal
 from .lora import lora_modules
 from .memory import peak_memory_bytes, reset_peak_memory
 from .model import build_model, count_parameters
