@@ -257,7 +257,15 @@ class LoRAConfig:
     16 by measurement: on the quick start, seed 0, adapters at 1 / 1 ended
     at 94.4 % top-1 and at 1 / 16 at 96.4 % (full training: 96.1 %)."""
 
+    warmup_steps: int = 0
+    """The adapters' learning rate rises linearly from 0 to its full value
+    over this many optimizer steps after the adapters are created (0: full
+    rate at once). Fresh AdamW moments make the first steps full-size
+    whatever the gradient, which shocks a model that was already trained."""
+
     def check(self, err):
+        if self.warmup_steps < 0:
+            err("warmup_steps", "must be >= 0")
         if not self.target_modules:
             err("target_modules", "must name at least one module")
         if self.alpha <= 0:
@@ -368,6 +376,9 @@ class RunConfig:
     """Run directory: config, checkpoints, metrics, plots."""
     eval_every_epochs: int = 1
     """Evaluate on the validation split every N epochs (and at the end)."""
+    eval_every_steps: int = 0
+    """Also evaluate every N optimizer steps (0: only at epoch ends), for
+    accuracy against wall-clock time on runs of few epochs."""
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss stops the run ('stop') or skips the step ('skip')."""
     collective_timeout_s: int = 600
@@ -381,6 +392,8 @@ class RunConfig:
             err("max_steps", "must be > 0 or null")
         if self.eval_every_epochs <= 0:
             err("eval_every_epochs", "must be > 0")
+        if self.eval_every_steps < 0:
+            err("eval_every_steps", "must be >= 0")
         if self.collective_timeout_s <= 0:
             err("collective_timeout_s", "must be > 0")
 

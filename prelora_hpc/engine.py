@@ -124,8 +124,8 @@ def param_groups(model: nn.Module, weight_decay: float, lora_lr_scale: float = 1
     the rest with it, both at the run's learning rate. Adapters: every
     ``lora_A`` in one group and every ``lora_B`` in another, at
     ``lora_lr_scale`` and ``lora_lr_scale * lora_lr_ratio_b`` times the run's
-    rate. Each group carries its multiple as ``lr_scale`` (``set_lr`` reads
-    it). Adapters in groups of their own also give them their own step count
+    rate. Each group carries its multiple as ``lr_scale`` and whether it
+    holds adapters as ``adapter`` (``set_lr`` reads both). Adapters in groups of their own also give them their own step count
     under ZeRO, whose flat partitions hold one AdamW step per group: new
     adapters start at step 0 while carried base parameters keep theirs.
     """
@@ -150,7 +150,8 @@ def param_groups(model: nn.Module, weight_decay: float, lora_lr_scale: float = 1
                               (a_params, weight_decay, lora_lr_scale),
                               (b_params, weight_decay, lora_lr_scale * lora_lr_ratio_b)):
         if params:
-            groups.append({"params": params, "weight_decay": wd, "lr_scale": scale})
+            groups.append({"params": params, "weight_decay": wd, "lr_scale": scale,
+                           "adapter": params is a_params or params is b_params})
     if not groups:
         raise ValueError("no trainable parameters: nothing for the optimizer to train")
     return groups
@@ -173,6 +174,19 @@ def lr_at(cfg: Config, step: int, total_steps: int) -> float:
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * t))
 
 
+def learning_rates(cfg: Config, step: int, total_steps: int,
+                   adapters_since: Optional[int]) -> tuple[float, float]:
+    """(base, adapter) learning rates at optimizer step ``step``: the base
+    follows ``lr_at``; the adapters, created at step ``adapters_since`` (None:
+    at step 0, mode 'lora'), ramp from 0 to it over ``lora.warmup_steps``."""
+    lr = lr_at(cfg, step, total_steps)
+    ramp = cfg.lora.warmup_steps
+    if not ramp:
+        return lr, lr
+    done = step - (adapters_since or 0)
+    return lr, lr * min(1.0, max(0, done + 1) / ramp)
+
+
 @dataclass
 class CarriedState:
     """Per-parameter optimizer state lifted out of an engine before teardown."""
@@ -192,10 +206,12 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
     return opt
 
 
-def set_lr(engine, lr: float) -> None:
-    """Set the run's learning rate: each group gets ``lr`` times its ``lr_scale``."""
+def set_lr(engine, lr: float, adapter_lr: Optional[float] = None) -> None:
+    """Set the run's learning rate: each group gets ``lr`` (adapter groups
+    ``adapter_lr``, default ``lr``) times its ``lr_scale``."""
     for g in base_optimizer(engine).param_groups:
-        g["lr"] = lr * g["lr_scale"]
+        use = adapter_lr if adapter_lr is not None and g.get("adapter") else lr
+        g["lr"] = use * g["lr_scale"]
 
 
 def current_lr(engine) -> float:

@@ -85,9 +85,10 @@ class TrainStep:
         self._bad = torch.zeros((), dtype=torch.bool, device=device)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor,
-                 lr: Optional[float] = None) -> StepResult:
-        """One micro batch: ``x`` images [b, C, H, W], ``y`` labels [b]. ``lr``,
-        if given, is set before the optimizer step."""
+                 lr: Optional[float] = None, adapter_lr: Optional[float] = None) -> StepResult:
+        """One micro batch: ``x`` images [b, C, H, W], ``y`` labels [b]. ``lr``
+        (and the adapters' ``adapter_lr``), if given, are set before the
+        optimizer step."""
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if self.dtype is not None:
@@ -112,7 +113,7 @@ class TrainStep:
         if nonfinite:
             self.on_nonfinite()
         if lr is not None:
-            set_lr(self.engine, lr)
+            set_lr(self.engine, lr, adapter_lr)
         with update_skipped(self.engine) if nonfinite else contextlib.nullcontext():
             self.engine.step()
         return StepResult(loss.detach(), nonfinite, stop, True)

@@ -34,7 +34,8 @@ from .convergence import NormTracker, UpdateTracker
 from .data import build_dataloaders, prepare_data
 from .dist_init import DistInfo, StopSignal
 from .engine import (accumulation_steps, build_engine, current_lr, destroy_engine, extract_state,
-                     global_batch, local_part, lr_at, restore_state, resolve_precision)
+                     global_batch, learning_rates, local_part, restore_state,
+                     resolve_precision)
 from .evaluate import evaluate
 from .lora import lora_modules
 from .memory import peak_memory_bytes, reset_peak_memory
@@ -319,8 +320,7 @@ class Trainer:
         point = self.checkpoints.resume_point(resume, dist.world_size, self.log.warn)
         if point is not None:
             self.stages.stage, self.stages.rank_map = Stage(point.stage), dict(point.rank_map)
-        # Convert, then build: the model takes its stage's (or the checkpoint's)
-        # shape before DeepSpeed sees it.
+        # The model takes its stage's (or the checkpoint's) shape before DeepSpeed sees it.
         shape_for_stage(self.model, self.stage, self.rank_map, cfg).to(self.device)
         self.set_engine(build_engine(self.model, cfg, dist))
         if point is not None:
@@ -331,6 +331,7 @@ class Trainer:
 
     stage = property(lambda self: self.stages.stage, doc="The current ``Stage``.")
     rank_map = property(lambda self: self.stages.rank_map, doc="Layer name -> LoRA rank.")
+    trainable_count = lambda self: count_parameters(self.model, trainable_only=True)  # noqa: E731
 
     def set_engine(self, engine) -> None:
         """Train with ``engine`` from now on (a new one per stage)."""
@@ -340,9 +341,6 @@ class Trainer:
                                  self.cfg.optim.label_smoothing,
                                  stop_requested=lambda: stop is not None and stop.received is not None,
                                  on_nonfinite=self.nonfinite_loss)
-
-    def trainable_count(self) -> int:
-        return count_parameters(self.model, trainable_only=True)
 
     def window_end(self) -> None:
         """Collective: reduce the window's statistics, decide, execute the transition."""
@@ -376,7 +374,8 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """Collective: one micro batch through the step (``prelora_hpc.step``)."""
-        return self.step_fn(x, y, lr=lr_at(self.cfg, self.p.global_step, self.plan.total_steps))
+        step, since = self.p.global_step, self.stages.switch_step
+        return self.step_fn(x, y, *learning_rates(self.cfg, step, self.plan.total_steps, since))
 
     def nonfinite_loss(self) -> None:
         """Every rank, when some rank's loss in this optimizer step was not
@@ -432,6 +431,8 @@ class Trainer:
                           peak_memory_bytes=peak_memory_bytes(self.device))
         if cfg.prelora.window_steps != "epoch" and p.window_steps_done >= self.plan.window_steps:
             self.window_end()
+        if cfg.run.eval_every_steps and p.global_step % cfg.run.eval_every_steps == 0:
+            self.evaluate_and_record()
         self.checkpoints.periodic(self.engine, self.saved, self.stage, p.global_step)
 
     def end_epoch(self) -> None:
@@ -445,7 +446,9 @@ class Trainer:
             self.evaluate_and_record()
 
     def evaluate_and_record(self) -> None:
-        """Collective: validate and write the epoch's line, record and summary row."""
+        """Collective: validate and log, record it; once per optimizer step."""
+        if self.last_eval_step == self.p.global_step:
+            return
         self.last_eval_step = self.p.global_step
         t0 = time.perf_counter()
         ev = evaluate(self.model, self.loaders.val, self.device)
@@ -466,8 +469,7 @@ class Trainer:
 
     def finish(self, wall_s: float) -> None:
         """Collective: the last evaluation (unless it just ran), checkpoint and record."""
-        if self.last_eval_step != self.p.global_step:
-            self.evaluate_and_record()
+        self.evaluate_and_record()
         self.checkpoints.at_end(self.engine, self.saved, self.stage, self.p.global_step)
         self.log.end(step=self.p.global_step, epoch=self.p.epoch, stage=self.stage,
                      wall_s=wall_s, trainable=self.trainable_count(),

@@ -373,3 +373,32 @@ def test_fused_layer_under_autocast_computes_in_the_autocast_dtype():
     for a, b in zip(grads, ref_grads):
         assert a.dtype == torch.float32
         assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+
+
+def test_adapter_learning_rate_ramps_from_the_step_the_adapters_were_created():
+    """lora.warmup_steps: the adapters' rate climbs linearly from the switch,
+    the base's follows the schedule untouched, and set_lr gives each group
+    its own rate times its multiple."""
+    from types import SimpleNamespace
+
+    from prelora_hpc.config import Config
+    from prelora_hpc.engine import learning_rates, lr_at, param_groups, set_lr
+
+    cfg = Config()
+    cfg.optim.schedule, cfg.optim.warmup_steps = "constant", 0
+    cfg.lora.warmup_steps = 4
+    assert [learning_rates(cfg, s, 100, 10)[1] / cfg.optim.lr for s in (10, 11, 13, 14, 50)] \
+        == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert learning_rates(cfg, 11, 100, 10)[0] == lr_at(cfg, 11, 100) == cfg.optim.lr
+    assert learning_rates(cfg, 1, 100, None)[1] == 0.5 * cfg.optim.lr  # mode lora: from step 0
+    cfg.lora.warmup_steps = 0
+    assert learning_rates(cfg, 10, 100, 10) == (cfg.optim.lr, cfg.optim.lr)
+
+    model = make_vit()
+    inject_lora(model, RANKS, alpha=16.0)
+    freeze_base(model, ["head"])
+    groups = param_groups(model, 0.05, lora_lr_scale=2.0, lora_lr_ratio_b=4.0)
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    set_lr(SimpleNamespace(optimizer=opt), 0.1, adapter_lr=0.01)
+    got = sorted((g["adapter"], round(g["lr"], 6)) for g in opt.param_groups)
+    assert got == [(False, 0.1), (False, 0.1), (True, 0.02), (True, 0.08)]
