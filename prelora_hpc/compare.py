@@ -18,10 +18,12 @@ For every seed and mode it runs
         OVERRIDES... run.mode=<mode> run.seed=<S>
 
 (modes interleaved within a seed, so a slow spell on a shared machine hits
-all three alike), then writes ``OUT/compare.md`` and ``OUT/compare.json``:
-final top-1/top-5 (mean and spread over seeds), wall time, median step
-time and trainable parameters per stage, the switch epoch and the rank-map
-histogram; and ``OUT/compare_top1.png`` (top-1 against epoch, every run).
+all three alike), then writes ``OUT/compare.md`` and ``OUT/compare.json``
+(``--table`` renames them): final top-1/top-5 (mean and spread over seeds),
+wall time, time to accuracy, median step time and trainable parameters per
+stage, the switch epoch and the rank-map histogram; and
+``OUT/compare_top1.png`` and ``OUT/compare_top1_wall.png`` (top-1 against
+epoch and against training seconds, every run).
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ def train_one(run_dir: Path, label: str, seed: int, args, overrides: list[str]) 
         # fresh run needs a clean directory.
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    cmd = [args.mpiexec, "-n", str(args.np), _exe("prelora-train"), "--config", str(args.config),
+    cmd = [*shlex.split(args.mpiexec), "-n", str(args.np), _exe("prelora-train"), "--config", str(args.config),
            "--output-dir", str(run_dir), *overrides, f"run.seed={seed}"]
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
@@ -178,6 +180,20 @@ def train_one(run_dir: Path, label: str, seed: int, args, overrides: list[str]) 
                            f"see {log}\n{tail}")
     print(f"[compare] {label} seed {seed}: done in {took:.1f} s", flush=True)
     return took
+
+
+TTA_MARGIN = 1.0
+"""Time to accuracy's target: full training's final top-1 minus this, points."""
+
+
+def time_to_accuracy(run: Run, target: float) -> Optional[float]:
+    """Training seconds until ``run``'s validation top-1 first reached
+    ``target`` percent (an evaluation's record time from the first start,
+    evaluations included, as MLPerf counts); None if it never did."""
+    for ev in run.epochs:
+        if ev.top1 >= target:
+            return run.elapsed_s(ev)
+    return None
 
 
 def _mean(values: list[float]) -> Optional[float]:
@@ -262,6 +278,19 @@ def summarize(runs: dict[str, list[Run]], seeds: list[int],
                                                             base["top1_per_seed"])
             v["paired_wall_vs_full"] = statistics.fmean(
                 w / f for w, f in zip(v["wall_s_per_seed"], base["wall_s_per_seed"]))
+        # MLPerf-style: seconds to within TTA_MARGIN of the same seed's full run.
+        targets = [t - TTA_MARGIN for t in base["top1_per_seed"]]
+        for label, v in out.items():
+            tta = [time_to_accuracy(r, t) for r, t in zip(runs[label], targets)]
+            v["tta_target_per_seed"] = targets
+            v["tta_s_per_seed"] = tta
+            v["tta_reached"] = sum(x is not None for x in tta)
+            v["tta_s"] = None if None in tta else statistics.fmean(tta)
+        for v in out.values():
+            pairs = [(a, b) for a, b in zip(v["tta_s_per_seed"], base["tta_s_per_seed"])
+                     if a is not None and b]
+            v["paired_tta_vs_full"] = (statistics.fmean(a / b for a, b in pairs)
+                                       if v["tta_reached"] == len(seeds) and pairs else None)
     return out
 
 
@@ -269,18 +298,27 @@ def _pm(mean: float, std: float, n: int, spec: str = ".2f") -> str:
     return f"{mean:{spec}}" + (f" ± {std:{spec}}" if n > 1 else "")
 
 
+def tta_cell(v: dict) -> str:
+    """Mean seconds to the target over seeds, or how many seeds reached it."""
+    n = len(v["tta_s_per_seed"])
+    if v["tta_s"] is not None:
+        return f"{v['tta_s']:.0f}"
+    return f"not reached ({v['tta_reached']} of {n} seeds)"
+
+
 def arms_title(labels: list[str]) -> str:
     """The arms compared, in order: ``"full vs prelora vs update"``."""
     return " vs ".join(labels)
 
 
-def compare_markdown(summary: dict[str, dict], command: str, plot: Optional[str]) -> str:
+def compare_markdown(summary: dict[str, dict], command: str, plots: tuple[str, ...] = ()) -> str:
     """``compare.md``: the table, what each column means, the command."""
     stages = sorted({s for v in summary.values() for s in v["stages"]})
     n = max(len(v["top1_per_seed"]) for v in summary.values())
     rel = all("top1_minus_full" in v for v in summary.values())
     head = (["arm", "top-1 (%)", "top-5 (%)", "wall time (s)"]
-            + (["top-1 - full, paired (points, 95 % CI)", "wall time / full"] if rel else [])
+            + (["top-1 - full, paired (points, 95 % CI)", "wall time / full",
+                f"time to full - {TTA_MARGIN:g} pt (s)", "time to accuracy / full"] if rel else [])
             + ["steps in stage 3"]
             + [f"step time stage {s} (s)" for s in stages]
             + [f"trainable params stage {s}" for s in stages]
@@ -294,7 +332,9 @@ def compare_markdown(summary: dict[str, dict], command: str, plot: Optional[str]
         if rel:
             pd = v["paired_top1_minus_full"]
             ci = "" if pd["ci95"] is None else f" [{pd['ci95'][0]:+.2f}, {pd['ci95'][1]:+.2f}]"
-            cells += [f"{pd['mean']:+.2f}{ci}", f"{v['paired_wall_vs_full']:.3f}"]
+            cells += [f"{pd['mean']:+.2f}{ci}", f"{v['paired_wall_vs_full']:.3f}",
+                      tta_cell(v), "-" if v["paired_tta_vs_full"] is None
+                      else f"{v['paired_tta_vs_full']:.3f}"]
         cells.append("-" if v["stage3_share"] is None else f"{100 * v['stage3_share']:.0f} %")
         cells += ["-" if st.get(s, {}).get("step_time_s") is None
                   else f"{st[s]['step_time_s']:.3f}" for s in stages]
@@ -313,29 +353,34 @@ def compare_markdown(summary: dict[str, dict], command: str, plot: Optional[str]
               "time: the training loop (the `end` record's `wall_s`, without process "
               "start-up). Step time: median over the logging "
               "intervals of the stage (an interval holding an evaluation or an engine rebuild "
-              "is slower), mean over seeds. Switch: the epoch at which each seed's run left "
+              "is slower), mean over seeds. Time to accuracy (MLPerf-style): training "
+              f"seconds until validation top-1 first reached the same seed's full-training "
+              f"final top-1 minus {TTA_MARGIN:g} point, evaluations included; its ratio is "
+              "the mean of the seed-by-seed ratios. Switch: the epoch at which each seed's run left "
               "stage 1. Rank map histogram: layers per rank, summed over seeds.", "",
               "Command:", "", "```", command, "```", ""]
-    if plot:
-        lines += [f"![top-1 against epoch]({plot})", ""]
+    for p, what in zip(plots, ("epoch", "training wall-clock time")):
+        lines += [f"![top-1 against {what}]({p})", ""]
     return "\n".join(lines)
 
 
 def write_results(summary: dict[str, dict], runs: dict[str, list[Run]], labels: list[str],
-                  out: Path, command: str) -> tuple[str, Path]:
-    """``compare_top1.png`` (a colour per arm), ``compare.json`` and
-    ``compare.md`` into ``out``; returns the Markdown and the plot's path."""
+                  out: Path, command: str, table: str = "compare") -> tuple[str, list[Path]]:
+    """``TABLE_top1.png`` (against epoch), ``TABLE_top1_wall.png`` (against
+    training seconds; a colour per arm), ``TABLE.json`` and ``TABLE.md``
+    into ``out``; returns the Markdown and the plots' paths."""
     from .report.plots import plot_runs_top1
 
     # Seed by seed, the arms interleaved as they trained.
     order = [(label, runs[label][i]) for i in range(len(runs[labels[0]])) for label in labels]
-    plot = plot_runs_top1([r for _, r in order], out / "compare_top1.png",
-                          title=f"validation top-1: {arms_title(labels)}",
-                          arms=[label for label, _ in order])
-    (out / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
-    md = compare_markdown(summary, command, plot.name)
-    (out / "compare.md").write_text(md)
-    return md, plot
+    plots = [plot_runs_top1([r for _, r in order], out / name,
+                            title=f"validation top-1: {arms_title(labels)}",
+                            arms=[label for label, _ in order], x=x)
+             for name, x in ((f"{table}_top1.png", "epoch"), (f"{table}_top1_wall.png", "wall"))]
+    (out / f"{table}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    md = compare_markdown(summary, command, tuple(p.name for p in plots))
+    (out / f"{table}.md").write_text(md)
+    return md, plots
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -356,8 +401,14 @@ def _parser() -> argparse.ArgumentParser:
                    metavar="LABEL:key=value,...",
                    help="one more arm: a prelora run with these overrides (repeatable)")
     p.add_argument("--np", type=int, default=2, help="MPI ranks per run (default: 2)")
-    p.add_argument("--mpiexec", default=None, help="mpiexec to use (default: the one on PATH "
-                   "or beside this Python)")
+    p.add_argument("--mpiexec", default=None,
+                   help="mpiexec to use, with any options of its own, e.g. "
+                        "'mpiexec -ppn 1 -hosts node0,node1' (default: the one on PATH "
+                        "or beside this Python)")
+    p.add_argument("--table", default="compare",
+                   help="file name stem of the results in OUT: TABLE.md, TABLE.json, "
+                        "TABLE_top1.png (default: compare); two comparisons can share "
+                        "OUT, and so each other's runs, under different stems")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per run")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--reuse", action="store_true",
@@ -400,15 +451,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                   [*args.overrides, *extra]))
                 runs[label].append(load_run(run_dir, f"seed{seed}/{label}"))
         summary = summarize(runs, args.seeds, process_s)
-        md, plot = write_results(summary, runs, labels, args.out,
-                                 shlex.join(["prelora-compare", *argv]))
+        md, plots = write_results(summary, runs, labels, args.out,
+                                  shlex.join(["prelora-compare", *argv]), args.table)
     except (CompareError, ReportError, ValueError, OSError) as e:
         # A run that failed, or trained but left records that cannot be read,
         # or results that cannot be written: a runtime error, not a usage one.
         print(f"prelora-compare: error: {e}", file=sys.stderr)
         return 1
     print(md)
-    print(f"wrote {args.out / 'compare.md'}, {args.out / 'compare.json'}, {plot}")
+    print(f"wrote {args.out / (args.table + '.md')}, {args.out / (args.table + '.json')}, "
+          + ", ".join(map(str, plots)))
     return 0
 
 

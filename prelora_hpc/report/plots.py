@@ -224,13 +224,16 @@ def plot_throughput(run: Run, path: Path) -> Path:
 
 
 def plot_runs_top1(runs: list[Run], path: Path, title: str = "validation top-1",
-                   arms: Optional[list[str]] = None) -> Path:
-    """Top-1 against epoch, one line per run, labelled by mode and directory;
-    a marker where each run left stage 1.
+                   arms: Optional[list[str]] = None, x: str = "epoch") -> Path:
+    """Top-1 against epoch (``x="epoch"``) or training seconds (``x="wall"``),
+    one line per run, labelled by mode and directory; a marker where each run
+    left stage 1.
 
     ``arms``: the arm of each run (default: its mode); each arm has its own
     colour (``arm_colors``), the runs of one arm (seeds) their own line style.
     """
+    if x not in ("epoch", "wall"):
+        raise ValueError(f"x must be 'epoch' or 'wall', got {x!r}")
     arms = [r.mode for r in runs] if arms is None else list(arms)
     if len(arms) != len(runs):
         raise ValueError(f"{len(runs)} runs but {len(arms)} arms")
@@ -239,21 +242,25 @@ def plot_runs_top1(runs: list[Run], path: Path, title: str = "validation top-1",
     styles = ["-", "--", ":", "-."]
     seen: dict[str, int] = {}
     for run, arm in zip(runs, arms):
-        if not run.epochs:
+        pts = [(run.epoch_of(r.step) if x == "epoch" else run.elapsed_s(r), r.top1)
+               for r in run.epochs]
+        pts = [(a, b) for a, b in pts if a is not None]
+        if not pts:
             continue
         n = seen[arm] = seen.get(arm, -1) + 1
-        xs = [run.epoch_of(r.step) for r in run.epochs]
-        ys = [r.top1 for r in run.epochs]
+        xs, ys = [a for a, _ in pts], [b for _, b in pts]
         line, = ax.plot(xs, ys, styles[n % len(styles)], marker="o", ms=3, lw=1.5,
                         color=colors[arm], label=run.label)
         sw = run.first_switch
-        if sw is not None:
-            x = run.epoch_of(sw.step)
-            ax.plot([x], [np.interp(x, xs, ys)], marker="v", ms=9, color=line.get_color(),
+        at = None if sw is None else (run.epoch_of(sw.step) if x == "epoch"
+                                      else run.elapsed_s(sw))
+        if at is not None:
+            ax.plot([at], [np.interp(at, xs, ys)], marker="v", ms=9, color=line.get_color(),
                     ls="none")
     if any(r.first_switch for r in runs):
         ax.plot([], [], "v", color="0.3", ls="none", label="switch out of stage 1")
-    ax.set(xlabel="epoch", ylabel="top-1 (%)", ylim=(0, 100), title=title)
+    ax.set(xlabel="epoch" if x == "epoch" else "training time (s)", ylabel="top-1 (%)",
+           ylim=(0, 100), title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)

@@ -99,6 +99,23 @@ class Run:
     def final_eval(self) -> Optional[EpochRecord]:
         return self.epochs[-1] if self.epochs else None
 
+    def elapsed_s(self, record) -> Optional[float]:
+        """Training seconds from the first start to when ``record`` was
+        written: its segment's share plus every earlier segment's (a resumed
+        run's time between a stop and the restart is not counted)."""
+        if record.time is None or any(s.time is None for s in self.starts):
+            return None
+        total = 0.0
+        stamps = [r.time for r in (*self.steps, *self.windows, *self.epochs, *self.stops)
+                  if r.time is not None]
+        for seg_start, nxt in zip(self.starts, [*self.starts[1:], None]):
+            if nxt is not None and record.time >= nxt.time:
+                total += max([t for t in stamps if seg_start.time <= t < nxt.time],
+                             default=seg_start.time) - seg_start.time
+                continue
+            return total + record.time - seg_start.time
+        return None
+
     @property
     def wall_s(self) -> Optional[float]:
         """Training wall time in seconds: the ``end`` record's, plus earlier

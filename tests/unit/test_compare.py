@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from prelora_hpc import compare
-from prelora_hpc.records import EpochRecord, StartRecord
+from prelora_hpc.records import EndRecord, EpochRecord, StartRecord
 from prelora_hpc.report import plots
 from prelora_hpc.report.read import Run
 
@@ -62,7 +62,7 @@ def _summary_entry(top1):
 
 def test_the_table_is_titled_by_the_arms_compared():
     md = compare.compare_markdown({"full": _summary_entry(80.0), "update": _summary_entry(79.0)},
-                                  "prelora-compare --modes full", None)
+                                  "prelora-compare --modes full")
     assert md.splitlines()[0] == "# full vs update"
     assert "| update | 79.00 |" in md
 
@@ -90,3 +90,61 @@ def test_each_arm_has_its_own_colour_also_two_prelora_arms(tmp_path, monkeypatch
     assert len({c.pop() for c in by_arm.values()}) == 3  # the arms apart
     assert plots.arm_colors(["full", "prelora", "lora"]) == {
         m: plots.MODE_COLORS[m] for m in ("full", "prelora", "lora")}
+
+
+def _timed_run(name, mode, curve, start_time=1000.0):
+    """A run whose evaluations (top-1 by step) were written at ``start_time``
+    plus the step in seconds: one optimizer step per second."""
+    start = StartRecord(mode=mode, world_size=2, global_batch=8, steps_per_epoch=4,
+                        total_steps=8, window_steps=2, params_total=10, trainable=10, stage=1,
+                        time=start_time)
+    epochs = [EpochRecord(epoch=step // 4, step=step, stage=1, val_loss=1.0, top1=top1,
+                          top5=90.0, trainable_params=10, peak_memory_bytes=1,
+                          time=start_time + step) for step, top1 in curve]
+    end = EndRecord(step=curve[-1][0], epoch=2, stage=1, wall_s=float(curve[-1][0]),
+                    trainable_params=10, params_total=10, time=start_time + curve[-1][0])
+    return Run(path=Path(name), name=name, start=start, starts=[start], epochs=epochs, end=end)
+
+
+def test_time_to_accuracy_is_the_first_evaluation_within_a_point_of_full(tmp_path):
+    """Each seed's target is its own full run's final top-1 minus one point;
+    an arm that never gets there says so instead of a number."""
+    full = [_timed_run("s0/full", "full", [(2, 40.0), (4, 49.5), (8, 50.0)]),
+            _timed_run("s1/full", "full", [(2, 40.0), (4, 45.0), (8, 52.0)])]
+    fast = [_timed_run("s0/prelora", "prelora", [(2, 49.0), (4, 49.9), (8, 49.8)]),
+            _timed_run("s1/prelora", "prelora", [(2, 40.0), (6, 51.0), (8, 51.5)])]
+    never = [_timed_run("s0/lora", "lora", [(8, 48.0)]),
+             _timed_run("s1/lora", "lora", [(8, 51.0)])]
+    s = compare.summarize({"full": full, "prelora": fast, "lora": never}, [0, 1])
+    assert s["full"]["tta_s_per_seed"] == [4.0, 8.0]
+    assert s["prelora"]["tta_s_per_seed"] == [2.0, 6.0]
+    assert s["prelora"]["tta_s"] == 4.0
+    assert s["prelora"]["paired_tta_vs_full"] == pytest.approx((2 / 4 + 6 / 8) / 2)
+    assert s["lora"]["tta_s_per_seed"] == [None, 8.0] and s["lora"]["tta_s"] is None
+    md = compare.compare_markdown(s, "prelora-compare")
+    assert "not reached (1 of 2 seeds)" in md
+    assert "| prelora |" in md and "| 4 | 0.625 |" in md
+
+
+def test_a_resumed_run_counts_training_time_not_the_time_it_lay_stopped():
+    run = _timed_run("s0/full", "full", [(2, 40.0), (4, 45.0)])
+    later = StartRecord(mode="full", world_size=2, global_batch=8, steps_per_epoch=4,
+                        total_steps=8, window_steps=2, params_total=10, trainable=10, stage=1,
+                        time=5000.0, resumed_step=4)
+    run.starts.append(later)
+    run.epochs.append(EpochRecord(epoch=2, step=8, stage=1, val_loss=1.0, top1=50.0, top5=90.0,
+                                  trainable_params=10, peak_memory_bytes=1, time=5004.0))
+    # 4 s before the stop, the hour in the queue not counted, 4 s after it.
+    assert run.elapsed_s(run.epochs[-1]) == 8.0
+    assert compare.time_to_accuracy(run, 49.0) == 8.0
+    assert compare.time_to_accuracy(run, 60.0) is None
+
+
+def test_the_wall_clock_plot_puts_each_evaluation_at_its_training_time(tmp_path, monkeypatch):
+    runs = [_timed_run("s0/full", "full", [(2, 40.0), (8, 50.0)])]
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    plots.plot_runs_top1(runs, tmp_path / "wall.png", x="wall")
+    line = next(l for l in drawn[0].axes[0].get_lines() if l.get_label() == runs[0].label)
+    assert list(line.get_xdata()) == [2.0, 8.0]
+    assert drawn[0].axes[0].get_xlabel() == "training time (s)"
