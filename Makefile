@@ -19,6 +19,9 @@ export DS_ACCELERATOR ?= cpu
 # by the source paths, so two environments sharing ~/.cache/torch_extensions
 # rebuild it over each other. One cache per environment, built once at install.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+# CIFAR-10 as JPEGs (docs/data.md) for tests/integration/test_cifar10.py,
+# which skips without it; the development machines keep it beside the clone.
+export PRELORA_CIFAR10_TARBALL ?= $(abspath $(wildcard ../shared/data/cifar10-trainval.tar.gz))
 
 # The site's DeepSpeed: Polaris' default module (conda/2025-09-25) ships
 # DeepSpeed 0.17.6. Engine rebuilds, the optimizer-state carry and resume use
