@@ -22,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${VENV:-.venv}/bin"
 if [ -x "$BIN/prelora-compare" ]; then
-    PATH="$(pwd)/$BIN:$PATH"
+    PATH="$(cd "$BIN" && pwd):$PATH"
 fi
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 exec prelora-compare --config configs/quickstart.yaml --out "${OUT:-runs/compare}" \

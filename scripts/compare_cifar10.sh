@@ -32,7 +32,7 @@ fi
 DATA="$1"; shift
 BIN="${VENV:-.venv}/bin"
 if [ -x "$BIN/prelora-compare" ]; then
-    PATH="$(pwd)/$BIN:$PATH"
+    PATH="$(cd "$BIN" && pwd):$PATH"
 fi
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 if [ ! -f "$DATA" ]; then
