@@ -359,17 +359,20 @@ def compare_markdown(summary: dict[str, dict], command: str, plots: tuple[str, .
               "the mean of the seed-by-seed ratios. Switch: the epoch at which each seed's run left "
               "stage 1. Rank map histogram: layers per rank, summed over seeds.", "",
               "Command:", "", "```", command, "```", ""]
-    for p, what in zip(plots, ("epoch", "training wall-clock time")):
-        lines += [f"![top-1 against {what}]({p})", ""]
+    for p, what in zip(plots, ("top-1 against epoch", "top-1 against training wall-clock time",
+                               "steps in stage 3 against top-1 and wall time")):
+        lines += [f"![{what}]({p})", ""]
     return "\n".join(lines)
 
 
 def write_results(summary: dict[str, dict], runs: dict[str, list[Run]], labels: list[str],
                   out: Path, command: str, table: str = "compare") -> tuple[str, list[Path]]:
     """``TABLE_top1.png`` (against epoch), ``TABLE_top1_wall.png`` (against
-    training seconds; a colour per arm), ``TABLE.json`` and ``TABLE.md``
-    into ``out``; returns the Markdown and the plots' paths."""
-    from .report.plots import plot_runs_top1
+    training seconds; a colour per arm), ``TABLE_tradeoff.png`` (each arm's
+    stage-3 share against its top-1 difference and wall time; with full
+    among the arms), ``TABLE.json`` and ``TABLE.md`` into ``out``; returns
+    the Markdown and the plots' paths."""
+    from .report.plots import plot_runs_top1, plot_tradeoff
 
     # Seed by seed, the arms interleaved as they trained.
     order = [(label, runs[label][i]) for i in range(len(runs[labels[0]])) for label in labels]
@@ -377,6 +380,9 @@ def write_results(summary: dict[str, dict], runs: dict[str, list[Run]], labels: 
                             title=f"validation top-1: {arms_title(labels)}",
                             arms=[label for label, _ in order], x=x)
              for name, x in ((f"{table}_top1.png", "epoch"), (f"{table}_top1_wall.png", "wall"))]
+    if len(summary) > 1 and "full" in summary:
+        plots.append(plot_tradeoff(summary, out / f"{table}_tradeoff.png",
+                                   title=f"the switch point's trade-off: {arms_title(labels)}"))
     (out / f"{table}.json").write_text(json.dumps(summary, indent=1) + "\n")
     md = compare_markdown(summary, command, tuple(p.name for p in plots))
     (out / f"{table}.md").write_text(md)

@@ -266,6 +266,40 @@ def plot_runs_top1(runs: list[Run], path: Path, title: str = "validation top-1",
     return _save(fig, path)
 
 
+def plot_tradeoff(arms: dict[str, dict[str, Any]], path: Path,
+                  title: str = "the switch point's trade-off") -> Path:
+    """Each arm of a comparison (``prelora-compare``'s summary entries, full
+    training included) at its share of optimizer steps in stage 3: the
+    paired top-1 difference to full (points, with its 95 % interval) on the
+    left, the paired wall time / full on the right."""
+    pts = sorted(((100 * (v.get("stage3_share") or 0.0), label, v) for label, v in arms.items()
+                  if "paired_top1_minus_full" in v), key=lambda t: t[0])
+    if not pts:
+        raise ValueError("no arm has a paired difference to full training")
+    colors = arm_colors([label for _, label, _ in pts])
+    fig, (ax_a, ax_w) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for share, label, v in pts:
+        d = v["paired_top1_minus_full"]
+        err = None if d["ci95"] is None else [[d["mean"] - d["ci95"][0]], [d["ci95"][1] - d["mean"]]]
+        ax_a.errorbar([share], [d["mean"]], yerr=err, fmt="o", capsize=4, color=colors[label],
+                      label=label)
+        ax_w.plot([share], [v["paired_wall_vs_full"]], "o", color=colors[label], label=label)
+    xs = [p[0] for p in pts]
+    ax_a.plot(xs, [p[2]["paired_top1_minus_full"]["mean"] for p in pts], "-", color="0.6", lw=1)
+    ax_w.plot(xs, [p[2]["paired_wall_vs_full"] for p in pts], "-", color="0.6", lw=1)
+    ax_a.axhline(0.0, color="0.3", lw=0.8)
+    ax_w.axhline(1.0, color="0.3", lw=0.8)
+    ax_a.set(xlabel="optimizer steps in stage 3 (%)", ylabel="top-1 - full, paired (points)",
+             title="accuracy (mean, 95 % interval over seeds)")
+    ax_w.set(xlabel="optimizer steps in stage 3 (%)", ylabel="wall time / full",
+             title="cost (mean of seed-by-seed ratios)")
+    for ax in (ax_a, ax_w):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def plot_replay(run: Run, res: ReplayResult, path: Path) -> Path:
     """The replayed test statistics against the thresholds, both switch
     points, and the actual and replayed rank maps side by side."""

@@ -148,3 +148,22 @@ def test_the_wall_clock_plot_puts_each_evaluation_at_its_training_time(tmp_path,
     line = next(l for l in drawn[0].axes[0].get_lines() if l.get_label() == runs[0].label)
     assert list(line.get_xdata()) == [2.0, 8.0]
     assert drawn[0].axes[0].get_xlabel() == "training time (s)"
+
+
+def test_the_tradeoff_plot_puts_each_arm_at_its_stage3_share(tmp_path, monkeypatch):
+    arms = {label: {"stage3_share": share, "paired_wall_vs_full": wall,
+                    "paired_top1_minus_full": compare.paired_difference(a, [50.0, 52.0])}
+            for label, share, wall, a in (("full", 0.0, 1.0, [50.0, 52.0]),
+                                          ("prelora", 0.43, 0.8, [49.0, 52.0]),
+                                          ("early", 0.5, 0.7, [48.0, 50.0]))}
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    plots.plot_tradeoff(arms, tmp_path / "t.png")
+    acc, wall = drawn[0].axes
+    line = next(l for l in wall.get_lines() if l.get_label() == "early")
+    assert list(line.get_xdata()) == [50.0] and list(line.get_ydata()) == [0.7]
+    trend = [l for l in acc.get_lines() if l.get_linestyle() == "-" and len(l.get_xdata()) == 3]
+    assert [list(t.get_xdata()) for t in trend] == [[0.0, 43.0, 50.0]]
+    assert list(trend[0].get_ydata()) == [0.0, -0.5, -2.0]
+    with pytest.raises(ValueError, match="paired"):
+        plots.plot_tradeoff({"full": {"stage3_share": 0.0}}, tmp_path / "u.png")
