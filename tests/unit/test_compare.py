@@ -167,3 +167,18 @@ def test_the_tradeoff_plot_puts_each_arm_at_its_stage3_share(tmp_path, monkeypat
     assert list(trend[0].get_ydata()) == [0.0, -0.5, -2.0]
     with pytest.raises(ValueError, match="paired"):
         plots.plot_tradeoff({"full": {"stage3_share": 0.0}}, tmp_path / "u.png")
+
+
+def test_mpiexec_options_reach_the_launcher_word_by_word(tmp_path, capsys):
+    """--mpiexec 'LAUNCHER -ppn 1 -hosts a,b' (one rank per node on a
+    cluster): the launcher gets its own options, then -n and the trainer."""
+    argv_file = tmp_path / "argv"
+    launcher = tmp_path / "launcher"
+    launcher.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {argv_file}\nexit 3\n")
+    launcher.chmod(0o755)
+    rc = compare.main(["--out", str(tmp_path / "out"), "--modes", "full", "--np", "2",
+                       "--mpiexec", f"{launcher} -ppn 1 -hosts emu0,emu1"])
+    assert rc == 1 and "exited 3" in capsys.readouterr().err
+    words = argv_file.read_text().split("\n")
+    assert words[:6] == ["-ppn", "1", "-hosts", "emu0,emu1", "-n", "2"]
+    assert words[6].endswith("prelora-train")
