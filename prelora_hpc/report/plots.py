@@ -259,8 +259,11 @@ def plot_runs_top1(runs: list[Run], path: Path, title: str = "validation top-1",
                     ls="none")
     if any(r.first_switch for r in runs):
         ax.plot([], [], "v", color="0.3", ls="none", label="switch out of stage 1")
+    tops = [r.top1 for run in runs for r in run.epochs]
+    # The runs' own range: 0-100 would flatten a comparison at 38 % into a line.
+    ylim = (max(0.0, min(tops) - 5), min(100.0, max(tops) + 5)) if tops else (0, 100)
     ax.set(xlabel="epoch" if x == "epoch" else "training time (s)", ylabel="top-1 (%)",
-           ylim=(0, 100), title=title)
+           ylim=ylim, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
