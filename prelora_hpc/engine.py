@@ -125,9 +125,10 @@ def param_groups(model: nn.Module, weight_decay: float, lora_lr_scale: float = 1
     ``lora_A`` in one group and every ``lora_B`` in another, at
     ``lora_lr_scale`` and ``lora_lr_scale * lora_lr_ratio_b`` times the run's
     rate. Each group carries its multiple as ``lr_scale`` and whether it
-    holds adapters as ``adapter`` (``set_lr`` reads both). Adapters in groups of their own also give them their own step count
-    under ZeRO, whose flat partitions hold one AdamW step per group: new
-    adapters start at step 0 while carried base parameters keep theirs.
+    holds adapters as ``adapter`` (``set_lr`` reads both). Adapters in groups
+    of their own also give them their own step count under ZeRO, whose flat
+    partitions hold one AdamW step per group: new adapters start at step 0
+    while carried base parameters keep theirs.
     """
     lora_a, lora_b = set(), set()
     for m in lora_modules(model).values():

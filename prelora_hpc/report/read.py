@@ -99,22 +99,29 @@ class Run:
     def final_eval(self) -> Optional[EpochRecord]:
         return self.epochs[-1] if self.epochs else None
 
+    def _segments_before(self, t: float) -> float:
+        """Seconds trained in the segments (one per start) that ended before
+        time ``t``: each from its start to its last record."""
+        total = 0.0
+        stamps = [r.time for r in (*self.steps, *self.windows, *self.epochs, *self.stops)
+                  if r.time is not None]
+        for seg_start, nxt in zip(self.starts, self.starts[1:]):
+            if seg_start.time is None or nxt.time is None or nxt.time > t:
+                continue
+            total += max([x for x in stamps if seg_start.time <= x < nxt.time],
+                         default=seg_start.time) - seg_start.time
+        return total
+
     def elapsed_s(self, record) -> Optional[float]:
         """Training seconds from the first start to when ``record`` was
         written: its segment's share plus every earlier segment's (a resumed
         run's time between a stop and the restart is not counted)."""
         if record.time is None or any(s.time is None for s in self.starts):
             return None
-        total = 0.0
-        stamps = [r.time for r in (*self.steps, *self.windows, *self.epochs, *self.stops)
-                  if r.time is not None]
-        for seg_start, nxt in zip(self.starts, [*self.starts[1:], None]):
-            if nxt is not None and record.time >= nxt.time:
-                total += max([t for t in stamps if seg_start.time <= t < nxt.time],
-                             default=seg_start.time) - seg_start.time
-                continue
-            return total + record.time - seg_start.time
-        return None
+        own = [s for s in self.starts if s.time <= record.time]
+        if not own:
+            return None
+        return self._segments_before(record.time) + record.time - own[-1].time
 
     @property
     def wall_s(self) -> Optional[float]:
@@ -122,16 +129,8 @@ class Run:
         segments of a resumed run measured from their record timestamps."""
         if self.end is None:
             return None
-        total = float(self.end.wall_s)
         # Each resume starts a new segment; the end record only covers the last.
-        for seg_start, nxt in zip(self.starts, self.starts[1:]):
-            if seg_start.time is None or nxt.time is None:
-                continue
-            stamps = [r.time for r in (*self.steps, *self.windows, *self.epochs, *self.stops)
-                      if r.time is not None and seg_start.time <= r.time < nxt.time]
-            if stamps:
-                total += max(stamps) - seg_start.time
-        return total
+        return float(self.end.wall_s) + self._segments_before(math.inf)
 
 
 def load_run_config(run_dir: Path):
