@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+import summary
+from summary import Section
+
 CLUSTER_SH = Path(__file__).resolve().parent / "slurm" / "cluster.sh"
 #: cluster.sh's exit status for "cannot run on this machine".
 CANNOT_RUN = 77
@@ -27,7 +30,8 @@ CANNOT_RUN = 77
 # session started inside a real Slurm job would otherwise talk to that cluster.
 _FOREIGN = ("SLURM_", "PRELORA_", "PMI_", "PALS_", "OMPI_", "PBS_")
 
-_jobs_seen: list[str] = []
+#: The "Slurm jobs" section of the terminal summary.
+_jobs_seen = Section("Slurm jobs")
 
 # DeepSpeed's CPU communication op is built once, at install, into the venv
 # (see the Makefile); a test run started without make uses that build too,
@@ -43,7 +47,7 @@ class SlurmCluster:
 
     dir: Path
     conf: Path
-    jobs: list[str] = field(default_factory=lambda: _jobs_seen)
+    jobs: Section = field(default_factory=lambda: _jobs_seen)
 
     def env(self, **extra) -> dict:
         """This process' environment for the Slurm commands, pointed at the cluster."""
@@ -88,13 +92,6 @@ def slurm_cluster():
         assert r.returncode == 0, f"tests/slurm/cluster.sh stop failed:\n{r.stdout}{r.stderr}"
 
 
-def pytest_terminal_summary(terminalreporter):
-    if _jobs_seen:
-        terminalreporter.write_sep("-", "Slurm jobs")
-        for line in _jobs_seen:
-            terminalreporter.write_line(line)
-
-
 @pytest.fixture(scope="session")
 def uninterrupted_run(tmp_path_factory):
     """vit_tiny_cpu trained on 2 ranks to the end, uninterrupted: 16 steps,
@@ -110,25 +107,36 @@ def uninterrupted_run(tmp_path_factory):
 
 # Soak tests (tests/test_soak.py) report what they survived here, so the
 # figure shows in a plain ``pytest -ra`` run.
-_soak_lines: list[str] = []
+_soak = Section("Soak")
 
 
 @pytest.fixture
-def soak_report() -> list[str]:
-    """Lines for the "Soak" section of the terminal summary."""
-    return _soak_lines
+def soak_report() -> Section:
+    """The "Soak" section of the terminal summary (``append(line)``)."""
+    return _soak
 
 
-def _soak_summary(terminalreporter) -> None:
-    if _soak_lines:
-        terminalreporter.write_sep("-", "Soak")
-        for line in _soak_lines:
+# Sections of the terminal summary (tests/summary.py): every report carries
+# the lines written while it was made, so that they reach the process that
+# prints the summary, which under pytest-xdist is not the one that ran the test.
+_sections: dict[str, dict[str, str]] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    item.user_properties.extend((summary.PROPERTY, entry) for entry in summary.take_pending())
+    yield
+
+
+def pytest_runtest_logreport(report):
+    for name, value in report.user_properties:
+        if name == summary.PROPERTY:
+            section, key, line = value
+            _sections.setdefault(section, {})[key] = line
+
+
+def pytest_terminal_summary(terminalreporter):
+    for section, lines in _sections.items():
+        terminalreporter.write_sep("-", section)
+        for line in lines.values():
             terminalreporter.write_line(line)
-
-
-_slurm_summary = pytest_terminal_summary
-
-
-def pytest_terminal_summary(terminalreporter):  # noqa: F811 - extends the one above
-    _slurm_summary(terminalreporter)
-    _soak_summary(terminalreporter)

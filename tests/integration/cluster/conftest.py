@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from summary import Section
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 CLUSTER_SH = HERE / "cluster.sh"
@@ -27,8 +29,8 @@ CANNOT_RUN = 77
 NODES = 2
 RATE = os.environ.get("PRELORA_CLUSTER_RATE", "1gbit")
 
-#: Lines for the terminal summary, as the tests record them.
-_summary: dict[str, str] = {}
+#: The "cluster" section of the terminal summary, as the tests record it.
+_summary = Section("cluster")
 
 # Variables of an enclosing job or launch that must not reach the emulated job.
 _FOREIGN = ("SLURM_", "PRELORA_", "PMI_", "PALS_", "OMPI_", "PBS_", "HYDRA_", "MPIR_",
@@ -46,7 +48,7 @@ class EmuCluster:
 
     hosts: list[str]
     rate: str
-    summary: dict = field(default_factory=lambda: _summary)
+    summary: Section = field(default_factory=lambda: _summary)
 
     def env(self, **extra) -> dict:
         """A clean environment for a job on the cluster (nothing of an
@@ -106,9 +108,3 @@ def emu_cluster():
             r = _cluster("stop")
             assert r.returncode == 0, f"tests/integration/cluster/cluster.sh stop failed:\n{r.stdout}{r.stderr}"
 
-
-def pytest_terminal_summary(terminalreporter):
-    if _summary:
-        terminalreporter.write_sep("-", "cluster")
-        for key, line in _summary.items():
-            terminalreporter.write_line(f"{key}: {line}")
