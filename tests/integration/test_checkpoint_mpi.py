@@ -2,7 +2,6 @@
 on real MPI ranks."""
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -82,19 +81,6 @@ def _start(run_dir, *overrides):
     cmd = [mpiexec(), "-n", "2", *train_cmd(run_dir, *BASE, "run.epochs=200", *overrides)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-
-
-def test_sigterm_with_dataloader_workers_checkpoints_and_exits_for_resubmission(tmp_path):
-    """Without workers: test_faults' test_a_directory_in_use_..._stops_on_sigterm."""
-    proc = _start(tmp_path, "data.num_workers=2")
-    _wait_for(lambda: _steps_done(tmp_path) >= 3, 180, "three training steps")
-    proc.send_signal(signal.SIGTERM)  # what PBS sends at the end of walltime
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 85, out[-3000:]
-    stop = read_metrics(tmp_path, "stop")[-1]
-    point = ckpt.find_resume(load_config(tmp_path / "config.yaml"))
-    assert point.global_step == stop["step"] and (point.path / ckpt.SIDECAR).is_file()
-    assert f"stopping at step {stop['step']} on SIGTERM" in out
 
 
 #: A dead rank ends the job within this many seconds (Hydra tears the job

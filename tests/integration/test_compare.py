@@ -44,7 +44,17 @@ def test_compare_trains_all_three_modes_with_the_same_settings(compared):
         run = out / "seed0" / mode
         start = read_metrics(run, "start")[-1]
         assert start["mode"] == mode and start["total_steps"] == 8
-        assert read_metrics(run, "end")[-1]["step"] == 8
+        end = read_metrics(run, "end")[-1]
+        assert end["step"] == 8
+        # Every mode finishes and writes its metrics, summary and config.
+        assert {"start", "window", "epoch", "end"} <= {r["kind"] for r in read_metrics(run)}
+        assert (run / "summary.csv").is_file() and (run / "config.yaml").is_file()
+        if mode == "full":
+            assert start["stage"] == 1 and not read_metrics(run, "switch")
+            assert end["stage"] == 1 and end["trainable_params"] == start["params_total"]
+        elif mode == "lora":
+            assert start["stage"] == 3 and not read_metrics(run, "switch")
+            assert end["stage"] == 3 and end["trainable_params"] < 0.5 * start["params_total"]
     assert [s["stage"] for s in read_metrics(out / "seed0" / "prelora", "switch")] == [2, 3]
     # The variant arm is a prelora run switching on the update test.
     upd = out / "seed0" / "update"

@@ -217,7 +217,9 @@ def test_impossible_request_is_refused_at_sbatch(slurm, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers, target", [(1, "--batch"), (4, "--batch"), (4, "--full")])
+# Each delivery once: to the batch shell with the quick start's one worker,
+# to every process of the job with four.
+@pytest.mark.parametrize("workers, target", [(1, "--batch"), (4, "--full")])
 def test_quickstart_on_two_ranks_stops_on_usr1_resubmits_and_completes(slurm, tmp_path,
                                                                         workers, target):
     """The quick start, shortened to 3 epochs (66 steps) with 5-step windows

@@ -108,23 +108,6 @@ def test_rank0_decision_is_what_every_rank_does(tmp_path, case):
         assert not any(switched)
 
 
-# prelora mode: test_zero_stages_... below (its run also checks these files).
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_each_mode_finishes_and_writes_metrics(tmp_path, mode):
-    run_mpi(train_cmd(tmp_path, f"run.mode={mode}", "run.epochs=1"))
-    kinds = {r["kind"] for r in read_metrics(tmp_path)}
-    assert {"start", "window", "epoch", "end"} <= kinds
-    end = read_metrics(tmp_path, "end")[-1]
-    start = read_metrics(tmp_path, "start")[0]
-    if mode == "full":
-        assert end["stage"] == 1 and end["trainable_params"] == start["params_total"]
-        assert not read_metrics(tmp_path, "switch")
-    else:
-        assert end["stage"] == 3 and end["trainable_params"] < 0.5 * start["params_total"]
-        assert start["stage"] == 3
-    assert (tmp_path / "summary.csv").is_file() and (tmp_path / "config.yaml").is_file()
-
-
 @pytest.mark.compat
 def test_three_rebuilds_do_not_grow_memory(tmp_path):
     """Resident memory after the 3rd rebuild stays within 64 MiB of the 1st
