@@ -48,9 +48,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	# torch first: DeepSpeed's setup.py imports it, so DeepSpeed is built
 	# against this torch without build isolation (which would fetch another).
-	# --no-compile: byte-compiling all of torch's 5 GB takes longer than
-	# compiling, on first import, the part a run imports.
-	$(PY) -m pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8
 	$(PY) -m pip install -q -e '.[local,test]'
 	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
