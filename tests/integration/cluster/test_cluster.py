@@ -230,22 +230,27 @@ def _wait_for(pred, timeout, what, proc=None):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _step_records(run_dir: Path) -> list[dict]:
+    """The run's step records so far, while it writes them (a line still
+    being written is skipped; no file yet is no records)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    steps = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("kind") == "step":
+            steps.append(rec)
+    return steps
+
+
 def _in_stage_3(run_dir: Path):
     """A predicate: the run has logged a training step in stage 3."""
-    def past() -> bool:
-        try:
-            lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        except FileNotFoundError:
-            return False
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue        # a line being written
-            if rec.get("kind") == "step" and rec.get("stage") == 3:
-                return True
-        return False
-    return past
+    return lambda: any(r.get("stage") == 3 for r in _step_records(run_dir))
 
 
 def _past_first_checkpoint(run_dir: Path):
@@ -254,19 +259,7 @@ def _past_first_checkpoint(run_dir: Path):
     def past() -> bool:
         latest = (run_dir / "checkpoints" / "latest").read_text().strip()
         at = int(latest.removeprefix("step").split("-")[0])
-        try:
-            lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        except FileNotFoundError:
-            return False
-        steps = []
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue        # a line still being written
-            if rec.get("kind") == "step":
-                steps.append(rec["step"])
-        return bool(steps) and max(steps) > at
+        return any(r["step"] > at for r in _step_records(run_dir))
     return past
 
 
