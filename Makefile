@@ -25,6 +25,11 @@ export DS_ACCELERATOR ?= cpu
 # by the source paths, so two environments sharing ~/.cache/torch_extensions
 # rebuild it over each other. One cache per environment, built once at install.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+# With the venv's bin first on PATH, as the tests and the quick start run:
+# torch builds with the first ninja on PATH, and a build by another ninja
+# (the system's) does not count as built for the venv's, so the first run
+# would build the op again.
+BUILD_SHM_OP = PATH=$(abspath $(BIN)):$$PATH $(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
 # CIFAR-10 as JPEGs (docs/data.md) for tests/integration/test_cifar10.py,
 # which skips without it; the development machines keep it beside the clone.
 export PRELORA_CIFAR10_TARBALL ?= $(abspath $(wildcard ../shared/data/cifar10-trainval.tar.gz))
@@ -51,13 +56,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8
 	$(PY) -m pip install -q -e '.[local,test]'
-	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
+	$(BUILD_SHM_OP)
 	touch $@
 
 venv: $(VENV)/.installed
 
 quickstart: venv
-	$(BIN)/mpiexec -n $(NP) $(BIN)/prelora-train --config configs/quickstart.yaml --output-dir $(RUN_DIR)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/mpiexec -n $(NP) $(BIN)/prelora-train --config configs/quickstart.yaml --output-dir $(RUN_DIR)
 
 test: venv
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -ra $(XDIST) $(PYTEST_ARGS)
@@ -76,7 +81,7 @@ $(VENV_COMPAT)/.installed: $(VENV)/.installed
 	echo '*' > $(VENV_COMPAT)/.gitignore
 	$(PY) -m pip install -q --no-deps --no-build-isolation --target $(COMPAT_SITE) deepspeed==$(DEEPSPEED_COMPAT)
 	$(PY) scripts/compat_check.py $(DEEPSPEED_COMPAT) $(COMPAT_SITE)
-	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
+	$(BUILD_SHM_OP)
 	touch $@
 
 venv-compat: $(VENV_COMPAT)/.installed

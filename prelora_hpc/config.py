@@ -64,6 +64,10 @@ class ModelConfig:
     engine rebuild changes the module (adapters injected, base frozen). The
     first steps of each stage pay the compilation; docs/benchmarks.md has
     what it costs and saves. ZeRO 0-2 only."""
+    compile_backend: str = "inductor"
+    """``torch.compile``'s backend: ``inductor`` generates kernels (Triton on
+    the GPU, C++ on the CPU); ``aot_eager`` traces and runs the same graphs
+    with eager kernels, for checking a model compiles without paying codegen."""
 
     def check(self, err):
         if self.img_size <= 0:
@@ -78,6 +82,14 @@ class ModelConfig:
             err("drop_path_rate", "must be in [0, 1)")
         if not 0.0 <= self.drop_rate < 1.0:
             err("drop_rate", "must be in [0, 1)")
+        if self.compile:
+            # Only when compiling: importing dynamo costs a second per rank.
+            from torch._dynamo import list_backends
+
+            known = list_backends(exclude_tags=())
+            if self.compile_backend not in known:
+                err("compile_backend", f"unknown backend {self.compile_backend!r} "
+                    f"(torch.compile knows {', '.join(known)})")
 
 
 @dataclass

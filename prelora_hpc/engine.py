@@ -451,7 +451,7 @@ def build_engine(model: nn.Module, cfg: Config, dist: DistInfo):
         # as they are, so checkpoints, rank maps and resume are unchanged.
         # Called again on each rebuild, it replaces the previous stage's
         # compiled forward with a fresh one for the module's new shape.
-        model.compile()
+        model.compile(backend=cfg.model.compile_backend)
     return engine
 
 

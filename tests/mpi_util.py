@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,14 @@ def run_mpi(args: list[str], np: int = 2, timeout: float = 300, check: bool = Tr
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n"
                              f"{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}")
     return p
+
+
+def run_mpi_together(jobs: list[tuple[list[str], int]], timeout: float = 300
+                     ) -> list[subprocess.CompletedProcess]:
+    """Independent launches ``(ARGS, np)`` at the same time, each as ``run_mpi``
+    runs and checks it; their results in order."""
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(lambda job: run_mpi(job[0], np=job[1], timeout=timeout), jobs))
 
 
 def train_cmd(out_dir, *overrides, config="configs/vit_tiny_cpu.yaml") -> list[str]:

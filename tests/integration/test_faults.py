@@ -15,7 +15,7 @@ import pytest
 
 from mpi_util import ROOT, env, mpiexec, run_mpi, script_cmd, train_cmd
 from prelora_hpc import checkpoint as ckpt
-from prelora_hpc.config import load_config
+from prelora_hpc.config import ConfigError, load_config
 from prelora_hpc.dist_init import (EXIT_CHECKPOINT_WRITE, EXIT_INTERRUPTED, EXIT_LOCKED,
                                 EXIT_RESUBMIT)
 from run_helpers import read_metrics
@@ -76,6 +76,12 @@ def test_overrides_are_accepted_on_both_sides_of_options(trained):
     cfg = load_config(trained / "config.yaml")
     assert cfg.optim.schedule == "constant" and cfg.logging.interval_steps == 1
     assert cfg.run.output_dir == str(trained) and cfg.run.max_steps == 8
+
+
+def test_checkpoint_of_another_model_is_refused(trained):
+    cfg = load_config(trained / "config.yaml", ["model.depth=3"])
+    with pytest.raises(ConfigError, match="model.depth"):
+        ckpt.find_resume(cfg, str(trained))
 
 
 def test_sidecar_records_size_and_checksum_of_every_file(trained, tmp_path):

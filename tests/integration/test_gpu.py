@@ -20,6 +20,16 @@ def test_bf16_run_passes_all_stages_on_one_gpu(tmp_path):
     assert [s["stage"] for s in read_metrics(tmp_path, "switch")] == [2, 3]
 
 
+def test_inductor_compiled_run_passes_all_stages_and_resumes_on_one_gpu(tmp_path):
+    """What the CPU suite checks with ``aot_eager``, with inductor's kernels."""
+    common = ["deepspeed.precision=bf16", "model.compile=true", "optim.schedule=constant"]
+    run_mpi(train_cmd(tmp_path, *common, "run.max_steps=8"), np=1, timeout=900)
+    assert [s["stage"] for s in read_metrics(tmp_path, "switch")] == [2, 3]
+    p = run_mpi(train_cmd(tmp_path, *common, "run.max_steps=10"), np=1, timeout=900)
+    assert "resumed from" in p.stdout
+    assert read_metrics(tmp_path, "end")[-1]["step"] == 10
+
+
 def test_cuda_memory_does_not_grow_over_rebuilds(tmp_path):
     run_mpi(script_cmd("rebuild_memory.py", tmp_path), np=1)
     series = json.loads((tmp_path / "rss_rank0.json").read_text())

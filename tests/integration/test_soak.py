@@ -14,7 +14,9 @@ from mpi_util import run_mpi, script_cmd, train_cmd
 from run_helpers import read_metrics
 from prelora_hpc.records import RECORD_TYPES, read_records
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+# Resume in every stage, exactly: make test-compat runs it against the site's
+# DeepSpeed too.
+pytestmark = [pytest.mark.mpi, pytest.mark.slow, pytest.mark.compat]
 
 LONG = os.environ.get("PRELORA_SOAK_LONG") == "1"
 CONFIG = "configs/vit_tiny_cpu.yaml"
@@ -72,7 +74,9 @@ def test_interrupted_again_and_again_ends_bit_identical(tmp_path, soak_report):
         assert p.returncode == 85, f"seed {seed}, stop at {s}: {p.stderr[-3000:]}"
         assert f"stopping at step {s} on SIGTERM" in p.stdout, f"seed {seed}: {p.stdout[-2000:]}"
     p = run_mpi(train_cmd(run, *BASE))
-    assert f"at step {stops[-1]}" in p.stdout
+    assert f"at step {stops[-1]}" in p.stdout and "in stage 3 (LoRA only)" in p.stdout
+    # Each resume past the first switch took the rank map the run chose.
+    assert (run / "rank_map.json").read_text() == (ref / "rank_map.json").read_text()
 
     starts = read_metrics(run, "start")
     assert [s["resumed_step"] for s in starts] == [0, *stops]

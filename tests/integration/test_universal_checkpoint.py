@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpi_util import run_mpi, script_cmd, train_cmd
+from mpi_util import run_mpi_together, script_cmd, train_cmd
 from prelora_hpc import checkpoint as ckpt
 
 # DeepSpeed's universal checkpoint (converter and loader): make test-compat
@@ -63,11 +63,8 @@ def saved_state(tag_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     """world size -> run directory of a run with a checkpoint in every stage."""
-    runs = {}
-    for world in (2, 1):
-        out = tmp_path_factory.mktemp(f"written_on_{world}")
-        run_mpi(train_cmd(out, *RUN), np=world)
-        runs[world] = out
+    runs = {world: tmp_path_factory.mktemp(f"written_on_{world}") for world in (2, 1)}
+    run_mpi_together([(train_cmd(out, *RUN), world) for world, out in runs.items()])
     return runs
 
 
@@ -77,15 +74,16 @@ def resumed(written, tmp_path_factory):
 
     Resumes the stage 1, 2 and 3 checkpoints in order; 2 -> 1 resumes the
     stage-3 one a second time, which must reuse the copy the first made."""
-    out = {}
+    jobs, dirs = [], []
     for src, dst in DIRECTIONS:
         tags = [TAGS[s] for s in (1, 2, 3)] + ([TAGS[3]] if src == 2 else [])
         paths = [written[src] / "checkpoints" / t for t in tags]
-        res_dir = tmp_path_factory.mktemp(f"resumed_{src}_to_{dst}")
-        p = run_mpi(script_cmd("resume_state.py", res_dir, *paths, "--", *RUN[:2]), np=dst)
-        out[(src, dst)] = (torch.load(res_dir / "resumed.pt", weights_only=False),
-                           p.stdout + p.stderr)
-    return out
+        dirs.append(tmp_path_factory.mktemp(f"resumed_{src}_to_{dst}"))
+        jobs.append((script_cmd("resume_state.py", dirs[-1], *paths, "--", *RUN[:2]), dst))
+    # Each direction reads and converts only its own source run.
+    done = run_mpi_together(jobs)
+    return {direction: (torch.load(d / "resumed.pt", weights_only=False), p.stdout + p.stderr)
+            for direction, d, p in zip(DIRECTIONS, dirs, done)}
 
 
 @pytest.mark.mpi

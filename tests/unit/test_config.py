@@ -115,3 +115,13 @@ def test_accumulation_auto_keeps_the_global_batch_or_says_why():
     with pytest.raises(BatchSizeError, match="grad_accum_steps: auto"):
         global_batch(fixed, 8)
     assert accumulation_steps(load_config(None), 3) == 1   # no global batch: no accumulation
+
+
+def test_compile_backend_is_checked_only_when_compiling(tmp_path):
+    p = write(tmp_path, "model:\n  compile: true\n  compile_backend: inductr\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "model.compile_backend" in msg and str(p) in msg and "inductor" in msg
+    assert load_config(p, ["model.compile_backend=aot_eager"]).model.compile_backend == "aot_eager"
+    assert load_config(p, ["model.compile=false"]).model.compile is False
