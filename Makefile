@@ -14,11 +14,12 @@ BIN := $(VENV)/bin
 NP ?= 2
 RUN_DIR ?= runs/quickstart
 PYTEST_ARGS ?= --durations=25
-# Two pytest workers (PYTEST_WORKERS=0: none). Most tests start MPI ranks and
-# wait on them, on Slurm, on a collective timeout or on a package install;
-# a second worker runs meanwhile, which takes about a fifth off the suite on
-# 2 cores. Tests of one file share a worker, so a module's fixture trains once.
-PYTEST_WORKERS ?= 2
+# Three pytest workers (PYTEST_WORKERS=0: none). Most tests start MPI ranks
+# and wait on them, on Slurm, on a collective timeout or on a package install;
+# the other workers run meanwhile. On 2 cores three keep both busier than two
+# and as busy as four. Tests of one file share a worker, so a module's
+# fixture trains once.
+PYTEST_WORKERS ?= 3
 XDIST = -n $(PYTEST_WORKERS) --dist loadfile
 export DS_ACCELERATOR ?= cpu
 # DeepSpeed JIT-builds a shared-memory comm op on the CPU; its cache is keyed
