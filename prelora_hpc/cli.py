@@ -128,7 +128,8 @@ def _train(argv: Optional[list[str]], stop) -> int:
         # else is a bug and keeps its traceback. A lost peer is said in one
         # line by abort(); a traceback adds nothing there.
         expected = isinstance(e, (ConfigError, DataError))
-        if not expected and describe_lost_peer(str(e)) is None:
+        lost_peer = describe_lost_peer(str(e)) is not None
+        if not expected and not lost_peer:
             traceback.print_exc()
         if trainer is not None:
             # Its workers ignore SIGTERM: end them before the exit waits on them.
@@ -136,7 +137,11 @@ def _train(argv: Optional[list[str]], stop) -> int:
         if lock is not None:
             lock.release()      # MPI_Abort ends this process before `finally`
         message = f"{type(e).__name__}: {e}"
-        if expected and every_rank_says(message):
+        # Raised alike by every rank (a config or data error, or the same
+        # bug): said once and a clean exit. MPI_Abort would also do, but the
+        # launcher drops what it has not yet forwarded of the ranks' output,
+        # tracebacks included, when it tears the job down.
+        if not lost_peer and every_rank_says(message):
             if dist.is_main:
                 print(f"prelora-train: error: {message}", file=sys.stderr, flush=True)
             finish()
