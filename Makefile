@@ -26,11 +26,12 @@ export DS_ACCELERATOR ?= cpu
 # by the source paths, so two environments sharing ~/.cache/torch_extensions
 # rebuild it over each other. One cache per environment, built once at install.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
-# With the venv's bin first on PATH, as the tests and the quick start run:
-# torch builds with the first ninja on PATH, and a build by another ninja
+# The venv's bin first on PATH, for everything that runs ranks or builds the
+# op: torch builds with the first ninja on PATH, and a build by another ninja
 # (the system's) does not count as built for the venv's, so the first run
 # would build the op again.
-BUILD_SHM_OP = PATH=$(abspath $(BIN)):$$PATH $(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
+WITH_VENV_PATH = PATH=$(abspath $(BIN)):$$PATH
+BUILD_SHM_OP = $(WITH_VENV_PATH) $(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
 # CIFAR-10 as JPEGs (docs/data.md) for tests/integration/test_cifar10.py,
 # which skips without it; the development machines keep it beside the clone.
 export PRELORA_CIFAR10_TARBALL ?= $(abspath $(wildcard ../shared/data/cifar10-trainval.tar.gz))
@@ -63,10 +64,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 venv: $(VENV)/.installed
 
 quickstart: venv
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/mpiexec -n $(NP) $(BIN)/prelora-train --config configs/quickstart.yaml --output-dir $(RUN_DIR)
+	$(WITH_VENV_PATH) $(BIN)/mpiexec -n $(NP) $(BIN)/prelora-train --config configs/quickstart.yaml --output-dir $(RUN_DIR)
 
 test: venv
-	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -ra $(XDIST) $(PYTEST_ARGS)
+	$(WITH_VENV_PATH) $(PY) -m pytest -ra $(XDIST) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
@@ -89,7 +90,7 @@ venv-compat: $(VENV_COMPAT)/.installed
 
 test-compat: venv-compat
 	$(PY) scripts/compat_check.py $(DEEPSPEED_COMPAT) $(COMPAT_SITE)
-	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -ra -m compat $(XDIST) $(PYTEST_ARGS)
+	$(WITH_VENV_PATH) $(PY) -m pytest -ra -m compat $(XDIST) $(PYTEST_ARGS)
 
 clean-compat:
 	rm -rf $(VENV_COMPAT)

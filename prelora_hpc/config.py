@@ -83,7 +83,7 @@ class ModelConfig:
         if not 0.0 <= self.drop_rate < 1.0:
             err("drop_rate", "must be in [0, 1)")
         if self.compile:
-            # Only when compiling: importing dynamo costs a second per rank.
+            # Only when compiling: every rank loads the config, and dynamo is slow to import.
             from torch._dynamo import list_backends
 
             known = list_backends(exclude_tags=())
