@@ -95,8 +95,8 @@ def _train(argv: Optional[list[str]], stop) -> int:
 
     from .checkpoint import CheckpointError, CheckpointWriteError
     from .data.errors import DataError
-    from .dist_init import (EXIT_CHECKPOINT_WRITE, abort, describe_lost_peer, every_rank_says,
-                            finish, init_distributed)
+    from .dist_init import (EXIT_CHECKPOINT_WRITE, abort, every_rank_says, finish,
+                            init_distributed, peer_trouble)
 
     dist = init_distributed(cfg.run.collective_timeout_s)
     lock, error, code = _lock_run(cfg.run.output_dir, dist)
@@ -124,31 +124,32 @@ def _train(argv: Optional[list[str]], stop) -> int:
         finish()
         return EXIT_CHECKPOINT_WRITE if isinstance(e, CheckpointWriteError) else 1
     except Exception as e:  # noqa: BLE001 - any error must end all ranks
+        message = f"{type(e).__name__}: {e}"
+        # A peer that is gone (named by the error, or silent to a probe) is
+        # said in one line by abort(): a traceback adds nothing, and the
+        # ranks it took with it cannot agree on anything.
+        trouble = peer_trouble(message)
         # Errors raised on purpose (bad config or data) are one line; anything
-        # else is a bug and keeps its traceback. A lost peer is said in one
-        # line by abort(); a traceback adds nothing there.
-        expected = isinstance(e, (ConfigError, DataError))
-        lost_peer = describe_lost_peer(str(e)) is not None
-        if not expected and not lost_peer:
+        # else is a bug and keeps its traceback.
+        if not isinstance(e, (ConfigError, DataError)) and trouble is None:
             traceback.print_exc()
         if trainer is not None:
             # Its workers ignore SIGTERM: end them before the exit waits on them.
             trainer.loaders.close()
         if lock is not None:
             lock.release()      # MPI_Abort ends this process before `finally`
-        message = f"{type(e).__name__}: {e}"
         # Raised alike by every rank (a config or data error, or the same
         # bug): said once and a clean exit. MPI_Abort would also do, but the
         # launcher drops what it has not yet forwarded of the ranks' output,
         # tracebacks included, when it tears the job down.
-        if not lost_peer and every_rank_says(message):
+        if trouble is None and every_rank_says(message):
             if dist.is_main:
                 print(f"prelora-train: error: {message}", file=sys.stderr, flush=True)
             finish()
             return 1
         # One line saying what and where; MPI_Abort so no peer waits forever
         # in a collective this rank will never join.
-        abort(message, 1)
+        abort(message, 1, trouble)
         return 1
     else:
         trainer.close()

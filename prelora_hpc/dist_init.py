@@ -18,12 +18,16 @@ discovery (which would pick the address by itself) never runs.
 
 from __future__ import annotations
 
+import array
 import datetime
+import fcntl
 import hashlib
 import os
 import signal
 import socket
+import stat
 import sys
+import termios
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -192,6 +196,8 @@ PROBE_TIMEOUT_S = 2.0
 #: Seconds MPI_Abort gets to end this process; a launcher that cannot reach
 #: its other nodes may never answer it.
 ABORT_GRACE_S = 10
+#: Seconds an aborting rank waits for the launcher to read its last lines.
+OUTPUT_DRAIN_S = 3.0
 
 
 def _answering_socket(addr: str) -> int:
@@ -398,26 +404,43 @@ def every_rank_says(message: str, timeout_s: float = 10.0) -> bool:
     return int(got[0]) == -int(got[1]) == h
 
 
-def abort(message: str, code: int = 1) -> None:
+def peer_trouble(message: str) -> Optional[str]:
+    """What a failed collective's ``message`` says the job lost, or None.
+
+    "lost contact with ranks 2-3 on emu1 (10.0.0.2)" when the error names
+    another node's address; when it names none (a timeout), "no answer from
+    ..." for the nodes that no longer accept a connection (they died, or
+    their link went down), probed for up to ``PROBE_TIMEOUT_S``. Single-node
+    jobs have no such peers: always None there.
+    """
+    lost = describe_lost_peer(message)
+    if lost:
+        return f"lost contact with {lost}"
+    if _ANSWER_PORTS:
+        silent = silent_peers()
+        if silent:
+            return f"no answer from {'; '.join(silent)}"
+    return None
+
+
+def abort(message: str, code: int = 1, trouble: Optional[str] = None) -> None:
     """Print ``message`` (with the rank) and end every rank of the job.
 
     Used for errors one rank sees alone (a corrupt sample, a dead peer):
     ``MPI_Abort`` makes the launcher kill the others, so nothing hangs.
+    ``trouble`` is ``peer_trouble(message)`` when the caller has it already.
     """
     rank = MPI.COMM_WORLD.Get_rank()
     # gloo's own text goes on with advice; the address is what matters.
     message = message.split(" This is typically caused")[0]
-    lost = describe_lost_peer(message)
-    if lost:
-        message = f"lost contact with {lost}: {message}"
-    elif _ANSWER_PORTS:
-        # A timeout names no peer: a node that no longer answers at all is
-        # the likely cause (it died, or its link went down).
-        silent = silent_peers()
-        if silent:
-            message = f"no answer from {'; '.join(silent)}: {message}"
+    trouble = trouble or peer_trouble(message)
+    if trouble:
+        message = f"{trouble}: {message}"
     print(f"[rank {rank}] error: {message}", file=sys.stderr, flush=True)
     if MPI.COMM_WORLD.Get_size() > 1:
+        # The launcher tears the job down on MPI_Abort and drops what it has
+        # not yet read of the ranks' output: the line above included.
+        wait_for_output_read(OUTPUT_DRAIN_S)
         # The default action of SIGALRM ends the process even while MPI_Abort
         # blocks in C: a rank cut off from the launcher's other nodes would
         # otherwise wait for an answer that never comes.
@@ -425,6 +448,39 @@ def abort(message: str, code: int = 1) -> None:
         signal.alarm(ABORT_GRACE_S)
         MPI.COMM_WORLD.Abort(code)
     sys.exit(code)
+
+
+def wait_for_output_read(timeout_s: float, streams=None) -> bool:
+    """Wait until the reader of this process's stdout and stderr (the MPI
+    launcher's proxy, when they are pipes), or of ``streams``, has taken
+    everything written to them, for at most ``timeout_s`` seconds. True when
+    nothing is left unread.
+
+    Files and terminals hold nothing back, so only pipes are waited for.
+    """
+    pipes = []
+    for stream in streams or (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+            fd = stream.fileno()
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                pipes.append(fd)
+        except (OSError, ValueError, AttributeError):
+            continue
+    deadline = time.monotonic() + timeout_s
+    unread = array.array("i", [0])
+    while pipes:
+        try:
+            fcntl.ioctl(pipes[0], termios.FIONREAD, unread, True)
+        except OSError:
+            unread[0] = 0
+        if unread[0] == 0:
+            pipes.pop(0)
+        elif time.monotonic() > deadline:
+            return False
+        else:
+            time.sleep(0.01)
+    return True
 
 
 class StopSignal:

@@ -67,6 +67,35 @@ def test_silent_peers_are_the_nodes_that_do_not_answer(monkeypatch):
     assert dist_init.silent_peers(timeout_s=1.0) == ["ranks 4-5 on gone (192.0.2.1)"]
 
 
+def test_peer_trouble_says_which_peer_and_how(monkeypatch):
+    port = dist_init._answering_socket("127.0.0.1")
+    monkeypatch.setattr(dist_init, "_PEERS", {"127.0.0.1": ("up", [0, 1]), "192.0.2.1": ("gone", [2, 3])})
+    monkeypatch.setattr(dist_init, "_ANSWER_PORTS", {"127.0.0.1": port, "192.0.2.1": port})
+    monkeypatch.setattr(dist_init, "PROBE_TIMEOUT_S", 1.0)
+    assert (dist_init.peer_trouble("Read error [192.0.2.1]:41234: Connection reset by peer")
+            == "lost contact with ranks 2-3 on gone (192.0.2.1)")
+    assert (dist_init.peer_trouble("Timed out waiting 15000ms for send operation to complete")
+            == "no answer from ranks 2-3 on gone (192.0.2.1)")
+    monkeypatch.setattr(dist_init, "_ANSWER_PORTS", {"127.0.0.1": port})
+    assert dist_init.peer_trouble("Timed out waiting 15000ms for send operation to complete") is None
+
+
+def test_an_aborting_rank_waits_until_its_last_lines_are_read():
+    """MPI_Abort tears the job down, and the launcher drops what it has not
+    read of a rank's pipes: abort() waits for the reader first."""
+    import os
+    import threading
+
+    r, w = os.pipe()
+    with os.fdopen(w, "w") as out, os.fdopen(r, "rb") as reader:
+        out.write("no answer from ranks 2-3 on emu1\n" * 100)
+        assert not dist_init.wait_for_output_read(0.2, [out])    # nobody reads: gives up
+        got = []
+        threading.Thread(target=lambda: got.append(reader.read1(1 << 16)), daemon=True).start()
+        assert dist_init.wait_for_output_read(5.0, [out])
+        assert got[0].count(b"\n") == 100
+
+
 def test_new_process_groups_get_the_job_timeout(monkeypatch):
     from torch.distributed import distributed_c10d as c10d
 
