@@ -42,11 +42,13 @@ host=${host#*@}
 stopped=""
 trap 'stopped=1; kill -TERM "$child" 2>/dev/null' TERM HUP INT
 
-"$remote" "$@" &
-child=$!
 # bash reports a child killed by a signal ("line N: PID Killed ...") on its
-# own stderr: the line below says it better. The child keeps the real stderr.
+# own stderr, at any point after the child ends: the line below says it
+# better. So bash's stderr goes before the child starts; the child keeps the
+# real one.
 exec 3>&2 2>/dev/null
+"$remote" "$@" 2>&3 3>&- &
+child=$!
 while :; do
     rc=0
     wait "$child" || rc=$?
