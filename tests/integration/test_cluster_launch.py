@@ -6,6 +6,8 @@ end, across emulated nodes, are in tests/integration/cluster/."""
 from __future__ import annotations
 
 import datetime
+import os
+import threading
 
 import pytest
 from mpi4py import MPI
@@ -83,9 +85,6 @@ def test_peer_trouble_says_which_peer_and_how(monkeypatch):
 def test_an_aborting_rank_waits_until_its_last_lines_are_read():
     """MPI_Abort tears the job down, and the launcher drops what it has not
     read of a rank's pipes: abort() waits for the reader first."""
-    import os
-    import threading
-
     r, w = os.pipe()
     with os.fdopen(w, "w") as out, os.fdopen(r, "rb") as reader:
         out.write("no answer from ranks 2-3 on emu1\n" * 100)
