@@ -68,9 +68,11 @@ def test_cifar10_jpegs_convert_and_train_through_both_switches(tmp_path):
 
     run_dir = tmp_path / "run"
     # Windows of 2 steps and a threshold every window passes: the switch at
-    # the second window, one window of stage 2, then stage 3.
+    # the second window, one window of stage 2 (the config itself goes
+    # straight to stage 3), then stage 3.
     run_mpi(train_cmd(run_dir, f"data.path={h5}", "prelora.window_steps=2",
-                      "prelora.tau=1000", "prelora.zeta=1000", "run.epochs=3",
+                      "prelora.tau=1000", "prelora.zeta=1000", "prelora.warmup_windows=1",
+                      "run.epochs=3",
                       "deepspeed.micro_batch_size=16", "run.eval_every_steps=0",
                       config="configs/cifar10.yaml"), timeout=600)
     switches = read_metrics(run_dir, "switch")
