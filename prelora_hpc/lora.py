@@ -155,15 +155,13 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     is cast to the autocast dtype first, as ``F.linear`` would be; otherwise
     the result has the base weight's dtype.
 
-    The same arithmetic as ``base(x) + lora_B(lora_A(x) * s)`` (bit for bit
-    forward at power-of-two scales, gradients to float rounding) for less
-    work per call, which at rank 4-16 on 96-1024-wide layers is what stage 3
-    costs above its floor: the branch is added into the base output in
-    place, the input's two gradients accumulate inside one matmul
-    (``addmm_``) instead of in a full-size sum, one autograd node replaces
-    nine, and the rank-r products run in the orientation the CPU BLAS does
-    fastest (``gy @ B`` with 4 columns is 4x slower there than
-    ``(B^T gy^T)^T``).
+    The same arithmetic as ``base(x) + lora_B(lora_A(x) * s)`` (to float
+    rounding) for less work per call, which at rank 4-16 on 96-1024-wide
+    layers is what stage 3 costs above its floor: the branch and the
+    input's second gradient each accumulate inside one matmul (``addmm_``)
+    instead of through a full-size sum, one autograd node replaces nine, and
+    the rank-r products run in the orientation the CPU BLAS does fastest
+    (``gy @ B`` with 4 columns is 4x slower there than ``(B^T gy^T)^T``).
     """
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -187,9 +185,9 @@ class _LoRALinearFn(torch.autograd.Function):
         xb = x2 if x_branch is None else x_branch.reshape(-1, shape[-1])
         y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
         h = (xb @ lora_a.t()).mul_(scaling)
-        # add_, not addmm_: the rounding of PEFT's ``result + lora_B(h)``
-        # exactly; addmm_ accumulates in another order for no measurable gain.
-        y.add_(h @ lora_b.t())
+        # Into y in place: no [T, out] temporary for the branch, which at
+        # rank 4-16 costs more than the rank-r product itself.
+        y.addmm_(h, lora_b.t())
         ctx.save_for_backward(x2, None if x_branch is None else xb, weight, lora_a, lora_b, h)
         ctx.scaling = scaling
         ctx.shape = shape

@@ -295,15 +295,14 @@ def test_freeze_base_selects_by_type_and_exact_name_not_substring(lora_vit):
     assert {"pos_embed", "cls_token", "head.weight", "norm.weight"} <= trainable
 
 
-@pytest.mark.parametrize("r,alpha,exact", [(8, 16.0, True), (16, 16.0, True), (4, 16.0, True),
-                                           (6, 16.0, False)])
+@pytest.mark.parametrize("r,alpha", [(8, 16.0), (16, 16.0), (4, 16.0), (6, 16.0)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_is_the_peft_formula_bit_for_bit_at_power_of_two_scales(r, alpha, exact, bias):
+def test_forward_and_gradients_are_the_peft_formula_to_float_rounding(r, alpha, bias):
     """The layer scales the rank-r intermediate, B (s A x), where PEFT
-    writes s B (A x): the same output bit for bit when s = alpha / r is a
-    power of two, to float rounding otherwise. Its backward computes the
-    rank-r products in another orientation, so the gradients agree to
-    float rounding."""
+    writes s B (A x), accumulates the branch inside the base output's
+    matmul and computes the backward's rank-r products in another
+    orientation: output and gradients agree with PEFT's formula to float
+    rounding, and every gradient is contiguous."""
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(96, 288, bias=bias), r=r, alpha=alpha)
     nn.init.normal_(layer.lora_B.weight)
@@ -311,10 +310,8 @@ def test_forward_is_the_peft_formula_bit_for_bit_at_power_of_two_scales(r, alpha
     ref_x = x.detach().clone().requires_grad_(True)
     out = layer(x)
     ref = layer.base_layer(ref_x) + layer.lora_B(layer.lora_A(ref_x)) * layer.scaling
-    if exact:
-        assert torch.equal(out, ref)
-    else:
-        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (out - layer.base_layer(ref_x)).abs().max() > 1e-2 * ref.abs().max()  # the branch counts
     g = torch.randn_like(out)
     params = [layer.lora_A.weight, layer.lora_B.weight] + ([layer.base_layer.bias] if bias else [])
     grads = torch.autograd.grad(out, [x, *params], g)
