@@ -13,10 +13,12 @@
 #   update.md    full vs update and early, seeds $UPDATE_SEEDS:
 #                update: criterion 'update', the layer-mean relative update
 #                  of every module <= 28 % per window over the last 2 windows;
-#                  on seed 0 that passes at the same window (7) as the norm
-#                  test's tau 4 (27 % and 23 % there, 34 % one window earlier)
-#                early: the norm test at tau 6, one window earlier (window 6
-#                  on seed 0): a second point of the switch-point trade-off
+#                  on seed 0 that passes at window 7, where the norm test
+#                  passes (27 % and 23 % there, 34 % one window earlier)
+#                early: the norm test at tau 6, one window earlier on seeds
+#                  whose window-6 change is under 6 % (0, 1 and 4 of
+#                  docs/results.md): a second point of the switch-point
+#                  trade-off
 # Finished runs are kept (--reuse): an interrupted benchmark continues.
 #
 # Environment: OUT (runs/cifar10), SEEDS (0,1,2,3,4), UPDATE_SEEDS (0,1,2),
