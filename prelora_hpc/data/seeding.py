@@ -9,6 +9,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.utils.data
 
 
 def mix_seed(*values: int) -> int:
@@ -40,9 +41,15 @@ def seeded_rng(seed: int) -> Iterator[None]:
     """Run a block with Python's, NumPy's and torch's global RNGs seeded from
     ``seed`` (timm's and torchvision's transforms draw from all three), and
     give the caller its own RNG states back afterwards (a loader without
-    workers runs in the training process, whose dropout stream must not move).
+    workers runs in the training process, whose dropout stream must not move);
+    in a DataLoader worker, which has no other use for them, leave them seeded.
     """
-    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    # A DataLoader worker draws from these streams for its samples only, and
+    # seeds them for each one: it has no state to get back, and saving the
+    # three costs 12x seeding them (0.08 ms a sample).
+    keep = torch.utils.data.get_worker_info() is None
+    if keep:
+        py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)
     # The CPU generator only, which is the one CPU transforms draw from:
@@ -53,6 +60,7 @@ def seeded_rng(seed: int) -> Iterator[None]:
     try:
         yield
     finally:
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(th)
+        if keep:
+            random.setstate(py)
+            np.random.set_state(npy)
+            torch.set_rng_state(th)

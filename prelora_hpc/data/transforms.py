@@ -14,8 +14,10 @@ in the DCT when the crop still gets at least img_size pixels per side.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
+import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import AugmentOp, posterize
@@ -152,6 +154,53 @@ class DecodingTransform:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(decode={self.decode!r}, augment={self.augment!r})"
+
+
+class BatchToTensorNormalize:
+    """``normalize(to_tensor(im))`` of every image of a batch, as one tensor.
+
+    Takes the two steps that end timm's transforms; called with a list of B
+    images it gives float32 [B, C, H, W], bit for bit the stacked per-image
+    results: the same elementwise operations in the same order (uint8 to
+    float, / 255, - mean, / std), run once over the batch instead of B times
+    (two thirds of the per-image cost of both steps on 32 px images). A
+    batch of RGB PIL images of one size takes that path; anything else goes
+    through the two steps image by image.
+    """
+
+    def __init__(self, to_tensor: Callable, normalize: transforms.Normalize):
+        self.to_tensor = to_tensor
+        self.normalize = normalize
+
+    def __call__(self, images: Sequence) -> torch.Tensor:
+        first = images[0]
+        if all(isinstance(im, Image.Image) and im.mode == "RGB" and im.size == first.size
+               for im in images):
+            x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images]))
+            x = x.permute(0, 3, 1, 2).contiguous().to(torch.get_default_dtype()).div(255)
+            return F.normalize(x, self.normalize.mean, self.normalize.std, inplace=True)
+        return torch.stack([self.normalize(self.to_tensor(im)) for im in images])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.to_tensor!r}, {self.normalize!r})"
+
+
+def split_tensor_tail(t: Callable | None) -> tuple[Callable | None, BatchToTensorNormalize | None]:
+    """``(head, tail)`` with ``t(im)`` equal to ``tail([head(im)])[0]``, bit for bit.
+
+    For a transform ending in ToTensor + Normalize (timm's, either split, a
+    ``DecodingTransform`` around one): head is the rest (PIL image to PIL
+    image, all the randomness), tail a ``BatchToTensorNormalize`` of the two
+    steps. Any other transform, or None: ``(t, None)``.
+    """
+    if isinstance(t, DecodingTransform):
+        head, tail = split_tensor_tail(t.augment)
+        return (DecodingTransform(t.decode, head), tail) if tail is not None else (t, None)
+    steps = t.transforms if isinstance(t, transforms.Compose) else []
+    if len(steps) >= 2 and isinstance(steps[-2], transforms.ToTensor) \
+            and isinstance(steps[-1], transforms.Normalize):
+        return transforms.Compose(steps[:-2]), BatchToTensorNormalize(steps[-2], steps[-1])
+    return t, None
 
 
 def build_transform(data_cfg: DataConfig, img_size: int, is_training: bool) -> Callable:

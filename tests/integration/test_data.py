@@ -25,6 +25,7 @@ from prelora_hpc.data.digits import ensure_digits_hdf5
 from prelora_hpc.data.hdf5 import HDF5ImageDataset, shard_files
 from prelora_hpc.data.loader import ShardedSampler, build_dataloaders, prepare_data
 from prelora_hpc.data.synthetic import SyntheticImageDataset
+from prelora_hpc.data.transforms import build_transform
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -358,6 +359,71 @@ def test_dataset_pickles_without_handle_and_works_in_forked_workers(converted):
     loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1)
     got = [x[0] for x, _ in loader]
     assert torch.equal(got[0], first) and len(got) == 3
+
+
+def _equal(a, b) -> bool:
+    """Two samples, (tensor or PIL image, label), identical to the bit."""
+    (x, y), (u, v) = a, b
+    if isinstance(x, torch.Tensor):
+        return isinstance(u, torch.Tensor) and x.dtype == u.dtype and torch.equal(x, u) and y == v
+    return np.array_equal(np.asarray(x), np.asarray(u)) and x.mode == u.mode and y == v
+
+
+# The sampler's keys in a batch: unsorted, with a repeat.
+_KEYS = [(6, 101), (0, 102), (3, 103), (6, 101), (7, 104), (1, 105)]
+
+
+@pytest.mark.parametrize("kind", ["train", "train-auto-augment", "train-jpeg-draft", "val", "none"])
+def test_a_batch_fetch_gives_the_samples_one_by_one_bit_for_bit(converted, tmp_path, kind):
+    out, root, _ = converted
+    shards = tmp_path / "sharded"
+    convert(root, shards, num_shards=3, progress=False)
+    data_cfg = DataConfig(jpeg_draft=kind.endswith("draft"),
+                          auto_augment="rand-m9-mstd0.5" if "auto" in kind else None)
+    t = None if kind == "none" else build_transform(data_cfg, 8, is_training=kind != "val")
+    # Plain indices too where nothing is random (validation's keys).
+    keys = _KEYS + [2, 5] if kind in ("val", "none") else _KEYS
+    for path in (out, shards):
+        ds = HDF5ImageDataset(path, "train", t)
+        got = ds.__getitems__(keys)
+        assert len(got) == len(keys)
+        assert all(_equal(a, b) for a, b in zip(got, [ds[k] for k in keys])), path
+    with pytest.raises(IndexError, match="index 8 out of range"):
+        ds.__getitems__([(1, 0), (8, 0)])
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_a_batch_with_an_undecodable_sample_fails_or_substitutes_as_one_by_one(converted, capsys, policy):
+    out, _, _ = converted
+    _damage_image(out, 4)
+    t = build_transform(DataConfig(), 8, is_training=True)
+    ds = HDF5ImageDataset(out, "train", t, on_bad_sample=policy)
+    keys = [(3, 1), (4, 2), (5, 3)]
+    if policy == "fail":
+        with pytest.raises(DataError, match=r"data\.h5: train\[4\]: cannot decode image"):
+            ds.__getitems__(keys)
+        return
+    got = ds.__getitems__(keys)
+    assert ds.bad_samples == 1 and "train[4]" in capsys.readouterr().err
+    assert all(_equal(a, b) for a, b in zip(got, [ds[k] for k in keys]))
+    assert got[1][1] == ds.labels[5]  # sample 5 stands in for 4, seeded as 4 was
+
+
+def test_a_worker_batch_is_the_training_process_samples_bit_for_bit(digits):
+    data_cfg, model_cfg = _cfgs(source="digits", path=str(digits.parent), num_workers=1)
+    loaders = build_dataloaders(data_cfg, model_cfg, 16, rank=0, world_size=2, seed=4)
+    loaders.train_sampler.set_epoch(1)
+    keys = list(loaders.train_sampler)[:32]
+    batches = iter(loaders.train)
+    ds = loaders.train.dataset
+    try:
+        for part in (keys[:16], keys[16:]):
+            x, y = next(batches)
+            one_by_one = [ds[k] for k in part]
+            assert torch.equal(x, torch.stack([s[0] for s in one_by_one]))
+            assert y.tolist() == [s[1] for s in one_by_one]
+    finally:
+        loaders.close()
 
 
 # --------------------------------------------------------------------------- #
