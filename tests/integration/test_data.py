@@ -25,7 +25,7 @@ from prelora_hpc.data.digits import ensure_digits_hdf5
 from prelora_hpc.data.hdf5 import HDF5ImageDataset, shard_files
 from prelora_hpc.data.loader import ShardedSampler, build_dataloaders, prepare_data
 from prelora_hpc.data.synthetic import SyntheticImageDataset
-from prelora_hpc.data.transforms import build_transform
+from prelora_hpc.data.transforms import build_transform, split_tensor_tail
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -407,6 +407,21 @@ def test_a_batch_with_an_undecodable_sample_fails_or_substitutes_as_one_by_one(c
     assert ds.bad_samples == 1 and "train[4]" in capsys.readouterr().err
     assert all(_equal(a, b) for a, b in zip(got, [ds[k] for k in keys]))
     assert got[1][1] == ds.labels[5]  # sample 5 stands in for 4, seeded as 4 was
+
+
+def test_the_batched_tensor_tail_is_the_per_image_steps_for_any_images():
+    t = build_transform(DataConfig(), 8, is_training=False)
+    head, tail = split_tensor_tail(t)
+    rng = np.random.default_rng(0)
+    same = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(3)]
+    # Not the fast path: an HSV image, and a tensor (timm's MaybeToTensor passes it).
+    mixed = same[:2] + [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).convert("HSV"),
+                        torch.rand(3, 8, 8)]
+    for images in (same, mixed):
+        want = torch.stack([t.transforms[-1](t.transforms[-2](im)) for im in images])
+        assert torch.equal(tail(images), want)
+    assert split_tensor_tail(None) == (None, None)
+    assert torch.equal(tail([head(same[0])])[0], t(same[0]))
 
 
 def test_a_worker_batch_is_the_training_process_samples_bit_for_bit(digits):
