@@ -273,11 +273,16 @@ def _ranks_text(ranks: list[int]) -> str:
 def describe_lost_peer(message: str) -> Optional[str]:
     """Which ranks a peer error is about, e.g. ``ranks 2-3 on emu1 (10.0.0.2)``
     for gloo's "Read error [10.0.0.2]:41234: Connection reset by peer", when
-    the address is another node's of this job; None otherwise."""
+    the address is another node's of this job; None otherwise.
+
+    An address of this rank's own node names a rank beside it, on the same
+    link: one that quit, most often over the failure it met first (a node
+    that went silent), so it says nothing of which node was lost."""
     import re
 
+    here = socket.gethostname()
     for addr in re.findall(r"\[(\d{1,3}(?:\.\d{1,3}){3})\]", message):
-        if addr in _PEERS:
+        if addr in _PEERS and _PEERS[addr][0] != here:
             host, ranks = _PEERS[addr]
             return f"{_ranks_text(ranks)} on {host} ({addr})"
     return None

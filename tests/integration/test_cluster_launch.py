@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import threading
 
 import pytest
@@ -57,6 +58,9 @@ def test_lost_peer_is_named_from_the_address_in_the_error(monkeypatch):
     assert dist_init.describe_lost_peer(gloo) == "ranks 2-3 on n1 (10.0.0.2)"
     assert dist_init.describe_lost_peer("Connection closed by peer [10.0.0.3]:9") == "rank 5 on n2 (10.0.0.3)"
     assert dist_init.describe_lost_peer("Read error [10.9.9.9]:1: reset") is None
+    # A rank on this node that closed its sockets: no node is named.
+    monkeypatch.setitem(dist_init._PEERS, "10.0.0.4", (socket.gethostname(), [6, 7]))
+    assert dist_init.describe_lost_peer("Connection closed by peer [10.0.0.4]:9") is None
     assert dist_init.describe_lost_peer("Timed out waiting 20000ms for send operation") is None
     assert dist_init._ranks_text([4, 0, 2]) == "ranks 0,2,4"
 
@@ -77,6 +81,11 @@ def test_peer_trouble_says_which_peer_and_how(monkeypatch):
     assert (dist_init.peer_trouble("Read error [192.0.2.1]:41234: Connection reset by peer")
             == "lost contact with ranks 2-3 on gone (192.0.2.1)")
     assert (dist_init.peer_trouble("Timed out waiting 15000ms for send operation to complete")
+            == "no answer from ranks 2-3 on gone (192.0.2.1)")
+    # A rank beside this one quit over the silent node first: its closed
+    # socket has this node's address, and the probe still names the node.
+    monkeypatch.setitem(dist_init._PEERS, "10.0.0.4", (socket.gethostname(), [4, 5]))
+    assert (dist_init.peer_trouble("Connection closed by peer [10.0.0.4]:29590")
             == "no answer from ranks 2-3 on gone (192.0.2.1)")
     monkeypatch.setattr(dist_init, "_ANSWER_PORTS", {"127.0.0.1": port})
     assert dist_init.peer_trouble("Timed out waiting 15000ms for send operation to complete") is None
