@@ -243,8 +243,7 @@ def silent_peers(timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
     ``timeout_s``, as "ranks 2-3 on emu1 (10.0.0.2)"; in parallel."""
     from concurrent.futures import ThreadPoolExecutor
 
-    me = {a for a, (host, _) in _PEERS.items() if host == socket.gethostname()}
-    targets = [(a, p) for a, p in _ANSWER_PORTS.items() if a not in me]
+    targets = [(a, p) for a, p in _ANSWER_PORTS.items() if not _on_this_node(a)]
 
     def answers(target) -> bool:
         try:
@@ -261,6 +260,11 @@ def silent_peers(timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
             for (a, _), ok in zip(targets, alive) if not ok]
 
 
+def _on_this_node(addr: str) -> bool:
+    """Whether ``addr`` is, in ``_PEERS``, an address of this rank's own node."""
+    return addr in _PEERS and _PEERS[addr][0] == socket.gethostname()
+
+
 def _ranks_text(ranks: list[int]) -> str:
     ranks = sorted(ranks)
     if len(ranks) == 1:
@@ -275,14 +279,13 @@ def describe_lost_peer(message: str) -> Optional[str]:
     for gloo's "Read error [10.0.0.2]:41234: Connection reset by peer", when
     the address is another node's of this job; None otherwise.
 
-    An address of this rank's own node names a rank beside it, on the same
-    link: one that quit, most often over the failure it met first (a node
-    that went silent), so it says nothing of which node was lost."""
+    An address of this rank's own node names a rank beside it that dropped
+    its connections, most often over the failure it met first (a node that
+    went silent), so it says nothing of which node was lost."""
     import re
 
-    here = socket.gethostname()
     for addr in re.findall(r"\[(\d{1,3}(?:\.\d{1,3}){3})\]", message):
-        if addr in _PEERS and _PEERS[addr][0] != here:
+        if addr in _PEERS and not _on_this_node(addr):
             host, ranks = _PEERS[addr]
             return f"{_ranks_text(ranks)} on {host} ({addr})"
     return None
